@@ -1,0 +1,476 @@
+"""What every method shares: networks, Gaussian math, metrics, evaluation, arguments, checkpoints, logs.
+
+Interfaces (DESIGN.md):
+  encoder(x) -> (mean, logvar), each [batch, d]
+  decoder.log_prob(x, z) -> [batch, n] for z [batch, n, d]: log p(x|z) summed over tokens or pixels.
+Nothing here knows which method is training; the objectives live in the method scripts.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def fail(message):
+    """Stop with one clear line (no traceback): what is wrong and how to fix it."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian math. q = N(mean, diag(exp(logvar))), prior p(z) = N(0, I).
+
+def reparameterize(mean, logvar, n=1, generator=None):
+    """n samples z = mean + exp(logvar / 2) * eps: [batch, n, d]."""
+    eps = torch.randn((mean.shape[0], n, mean.shape[1]), generator=generator,
+                      device=mean.device, dtype=mean.dtype)
+    return mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+
+
+def kl_normal(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, summed over d: [batch].
+    Kingma & Welling 2014, Appendix B: -1/2 sum(1 + logvar - mean^2 - exp(logvar))."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
+
+
+def log_normal(z, mean, logvar):
+    """log N(z; mean, diag(exp(logvar))), summed over the last dimension (arguments broadcast)."""
+    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+def log_prior(z):
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+def neg_entropy(logvar):
+    """E_q[log q(z|x)] for a diagonal Gaussian, in closed form: [batch]."""
+    return -0.5 * (LOG_2PI + 1 + logvar).sum(-1)
+
+
+def dropout(t, p, training, generator=None):
+    """Dropout whose mask can come from a local generator, so a step can be replayed with the same
+    mask (SA-VAE's finite differences). Without a generator it is F.dropout."""
+    if not training or p == 0:
+        return t
+    if generator is None:
+        return F.dropout(t, p, True)
+    keep = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype) >= p
+    return t * keep / (1 - p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks for text.
+
+class LSTMEncoder(nn.Module):
+    """Embeds the sentence, runs a one-layer LSTM; its last hidden state gives mean and logvar."""
+
+    def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, emb_dim)
+        self.lstm = nn.LSTM(emb_dim, hidden_dim, batch_first=True)
+        self.to_params = nn.Linear(hidden_dim, 2 * latent_dim)
+        # He et al. 2019's initialisation: small weights, so the encoder starts near the prior.
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.01, 0.01)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(self.embed(x))     # sentences in a batch have equal length: h is the last
+        mean, logvar = self.to_params(h[-1]).chunk(2, -1)
+        return mean, logvar
+
+
+class NoEncoder(nn.Module):
+    """latent_dim 0: there is no latent, so inference returns empty parameters."""
+
+    def forward(self, x):
+        empty = torch.zeros(x.shape[0], 0, device=x.device)
+        return empty, empty
+
+
+class LSTMDecoder(nn.Module):
+    """p(x|z) = prod_t p(x_t | x_<t, z) with a one-layer LSTM (Kim et al. 2018; He et al. 2019).
+    z is joined to every input embedding and sets the initial state (c0 = W z, h0 = tanh(c0)).
+    Dropout on the input embeddings and on the LSTM output before the vocabulary projection.
+    latent_dim 0 makes it a plain LSTM language model. z_to_output also adds a linear map of z to the
+    logits (the generator of He et al.'s synthetic data)."""
+
+    def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim, dropout=0.0, z_to_output=False):
+        super().__init__()
+        self.vocab_size, self.latent_dim, self.p = vocab_size, latent_dim, dropout
+        self.embed = nn.Embedding(vocab_size, emb_dim)
+        self.lstm = nn.LSTM(emb_dim + latent_dim, hidden_dim, batch_first=True)
+        self.init_state = nn.Linear(latent_dim, hidden_dim) if latent_dim > 0 else None
+        self.out = nn.Linear(hidden_dim, vocab_size)
+        self.z_out = nn.Linear(latent_dim, vocab_size, bias=False) if z_to_output else None
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.01, 0.01)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def logits(self, inputs, z, state=None, generator=None):
+        """inputs [m, T] token ids, z [m, d] -> logits [m, T, vocab] and the final LSTM state."""
+        emb = dropout(self.embed(inputs), self.p, self.training, generator)
+        if self.latent_dim > 0:
+            emb = torch.cat([emb, z.unsqueeze(1).expand(-1, inputs.shape[1], -1)], -1)
+            if state is None:
+                c0 = self.init_state(z).unsqueeze(0)
+                state = (torch.tanh(c0), c0)
+        h, state = self.lstm(emb, state)
+        logits = self.out(dropout(h, self.p, self.training, generator))
+        if self.z_out is not None:
+            logits = logits + self.z_out(z).unsqueeze(1)
+        return logits, state
+
+    def log_prob(self, x, z, generator=None):
+        """log p(x|z) for x [batch, T] (starting with <s>) and z [batch, n, d]: [batch, n].
+        Counts every predicted token, end-of-sentence included; one cross-entropy for all steps."""
+        batch, n = z.shape[:2]
+        x = x.unsqueeze(1).expand(-1, n, -1).reshape(batch * n, -1)
+        logits, _ = self.logits(x[:, :-1], z.reshape(batch * n, -1), generator=generator)
+        nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), x[:, 1:].reshape(-1), reduction="none")
+        return -nll.view(batch, n, -1).sum(-1)
+
+    def cost_per_sample(self, x):
+        """Floats one (example, sample) pair needs in log_prob: sizes evaluation chunks."""
+        return x.shape[1] * (self.vocab_size + self.lstm.hidden_size)
+
+    @torch.no_grad()
+    def sample(self, z, first, length, greedy=False, generator=None):
+        """Decode `length` tokens after the tokens `first` [m] given z [m, d]: [m, length].
+        Generation is sequential by nature; training and scoring never loop over time."""
+        tokens, state, inputs = [], None, first.unsqueeze(1)
+        for _ in range(length):
+            logits, state = self.logits(inputs, z, state)
+            if greedy:
+                inputs = logits[:, -1].argmax(-1, keepdim=True)
+            else:
+                # inverse-CDF sampling: much faster than torch.multinomial for large batches on CPU
+                cdf = logits[:, -1].softmax(-1).cumsum(-1)
+                u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+                inputs = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)
+            tokens.append(inputs)
+        return torch.cat(tokens, 1)
+
+
+def build_model(args, dataset):
+    """The encoder and decoder for a dataset, sized from args."""
+    if args.latent_dim > 0:
+        encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim)
+    else:
+        encoder = NoEncoder()
+    decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout)
+    return encoder.to(args.device), decoder.to(args.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+@torch.no_grad()
+def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
+    """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)`
+    (called under no_grad; an infer that needs gradients enables them itself).
+
+    From the same samples z ~ q(z|x), per example and averaged over examples:
+      nll      -log (1/S) sum_s p(x, z_s) / q(z_s|x)   (Burda et al. 2016; S = iw_samples)
+      rec      -(1/S) sum_s log p(x|z_s)
+      kl       KL(q(z|x) || p(z)) in closed form;  neg_elbo = rec + kl
+      mi       E_x E_q[log q(z|x)] - E_x E_q[log q(z)], q(z) the mixture over the evaluation batch
+               (He et al. 2019, Sec. 4.2; bounded by log batch size)
+      au       dimensions with Var_x(E_q[z_u]) >= 0.01 (unbiased variance over all examples)
+      ppl      exp(total nll / total predicted tokens), tokens include </s> (text only; None for images)
+    Batched over examples and samples, in chunks of at most max_floats; one host sync at the end.
+    """
+    was_training = decoder.training
+    decoder.eval()
+    sums, means, num_examples, num_tokens = None, [], 0, 0
+    for x in batches:
+        mean, logvar = infer(x)
+        mean, logvar = mean.detach(), logvar.detach()
+        batch, d = mean.shape
+        samples = iw_samples if d > 0 else 1        # no latent: log p(x) is exact, one pass suffices
+        chunk = max(1, min(samples, max_floats // (batch * decoder.cost_per_sample(x))))
+        log_w, log_px_z, log_qz = [], [], []
+        for start in range(0, samples, chunk):
+            z = reparameterize(mean, logvar, min(chunk, samples - start))
+            log_px_z.append(decoder.log_prob(x, z))
+            log_w.append(log_px_z[-1] + log_prior(z) - log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1)))
+            # log q(z_is) with q(z) = (1/B) sum_j q(z | x_j): [batch, n, batch] densities
+            pairwise = log_normal(z.unsqueeze(2), mean[None, None], logvar[None, None])
+            log_qz.append(torch.logsumexp(pairwise, -1) - math.log(batch))
+        log_w, log_px_z, log_qz = torch.cat(log_w, 1), torch.cat(log_px_z, 1), torch.cat(log_qz, 1)
+        kl = kl_normal(mean, logvar)
+        rec = -log_px_z.mean(1)
+        nll = -(torch.logsumexp(log_w, 1) - math.log(samples))
+        mi = neg_entropy(logvar) - log_qz.mean(1) if d > 0 else torch.zeros_like(nll)
+        batch_sums = torch.stack([nll.sum(), rec.sum(), kl.sum(), mi.sum()])
+        sums = batch_sums if sums is None else sums + batch_sums
+        means.append(mean)
+        num_examples += batch
+        if x.dtype == torch.long:
+            num_tokens += batch * (x.shape[1] - 1)    # predicted tokens: all but <s>
+    if was_training:
+        decoder.train()
+    if num_examples == 0:
+        fail("evaluation got no examples: the split is empty")
+    nll, rec, kl, mi = (sums / num_examples).tolist()
+    means = torch.cat(means)
+    au = int((means.var(0) >= 0.01).sum()) if means.shape[1] > 0 and num_examples > 1 else 0
+    ppl = math.exp(sums[0].item() / num_tokens) if num_tokens else None
+    return {"nll": nll, "neg_elbo": rec + kl, "rec": rec, "kl": kl, "mi": mi, "au": au, "ppl": ppl,
+            "iw_samples": iw_samples, "num_examples": num_examples}
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments. A dataset preset fills every flag the user did not give; explicit flags win.
+
+TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
+                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1)
+PRESETS = {
+    # He et al. 2019, Appendix B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO.
+    "synthetic": dict(epochs=20, batch_size=16, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=1,
+                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0),
+    # Kim et al. 2018 / He et al. 2019 text setting, with the 0.1 -> 1 KL annealing over 10 epochs.
+    "yahoo": TEXT_PRESET, "yelp": TEXT_PRESET, "ptb": TEXT_PRESET, "text": TEXT_PRESET,
+}
+MODEL_KEYS = ("dataset", "latent_dim", "emb_dim", "hidden_dim")
+
+
+def add_shared_args(parser):
+    """The flags every method script takes, in the same order everywhere (DESIGN.md)."""
+    add = parser.add_argument
+    add("--dataset", default="synthetic", choices=sorted(PRESETS), help="data and its preset")
+    add("--data_dir", default=None, help="folder of the corpus (default data/DATASET)")
+    add("--train_size", type=int, default=0, help="use the first N training examples (0: all)")
+    add("--epochs", type=int, help="at most this many epochs (training also stops after 5 lr decays)")
+    add("--batch_size", type=int)
+    add("--lr", type=float, help="learning rate of the model parameters")
+    add("--optimizer", choices=["sgd", "adam"])
+    add("--clip", type=float, help="clip the gradient norm of encoder and decoder together (0: off)")
+    add("--latent_dim", type=int, help="d; 0 trains the autoregressive baseline with no latent")
+    add("--emb_dim", type=int)
+    add("--hidden_dim", type=int)
+    add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
+    add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
+    add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
+    add("--seed", type=int, default=783435)
+    add("--cuda", action="store_true", help="run on the GPU")
+    add("--save_dir", default=None, help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
+    add("--eval_only", action="store_true", help="only evaluate --checkpoint on the test split")
+    add("--checkpoint", default=None, help="a model.pt to evaluate (with --eval_only)")
+    add("--resume", action="store_true", help="continue from SAVE_DIR/model.pt")
+    add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
+    add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
+    add("--print_every", type=int, default=200, help="print progress every N training batches")
+    return parser
+
+
+def parse_args(parser, method):
+    """Parse, fill from the dataset preset, pick the device, seed, and print the resolved arguments."""
+    args = parser.parse_args()
+    args.method = method
+    if args.eval_only:
+        if not args.checkpoint:
+            fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts)")
+        saved = load_checkpoint(args.checkpoint, "cpu")["args"]
+        for key in MODEL_KEYS:                       # the model's shape comes from the checkpoint
+            setattr(args, key, saved[key])
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
+    if args.cuda and not torch.cuda.is_available():
+        fail("--cuda was given but PyTorch sees no CUDA GPU here; drop --cuda to run on the CPU")
+    args.device = torch.device("cuda" if args.cuda else "cpu")
+    if args.latent_dim < 0 or args.batch_size < 1 or args.iw_samples < 1:
+        fail("--latent_dim must be >= 0, --batch_size and --iw_samples >= 1")
+    torch.manual_seed(args.seed)
+    print(f"{method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    return args
+
+
+def make_optimizer(params, args):
+    params = list(params)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr)
+    return torch.optim.SGD(params, lr=args.lr)
+
+
+def clip_grad(modules, clip):
+    """Clip the gradient norm of all the modules' parameters together, as both papers' code does."""
+    if clip > 0:
+        nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], clip)
+
+
+def kl_weight(args, step, steps_per_epoch):
+    """KL annealing: linear from kl_start to 1 over `warmup` epochs, updated every step."""
+    if args.warmup <= 0:
+        return 1.0
+    return min(1.0, args.kl_start + (1.0 - args.kl_start) * step / (args.warmup * steps_per_epoch))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: the lr schedule, checkpoints, logs.
+
+def new_state(args):
+    return {"epoch": 0, "step": 0, "lr": args.lr, "best_val": math.inf, "worse_epochs": 0,
+            "decays": 0, "train_seconds": 0.0}
+
+
+def schedule(state, val_loss, optimizers, patience=2, max_decays=5):
+    """The papers' lr schedule: halve when validation has not improved for `patience` epochs;
+    returns True once it has decayed `max_decays` times (time to stop). Returns whether val is best."""
+    best = val_loss < state["best_val"]
+    if best:
+        state["best_val"], state["worse_epochs"] = val_loss, 0
+    else:
+        state["worse_epochs"] += 1
+        if state["worse_epochs"] >= patience:
+            state["lr"] /= 2
+            state["decays"] += 1
+            state["worse_epochs"] = 0
+            for opt in optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = state["lr"]
+    return best
+
+
+CHECKPOINT_FORMAT = "vi-checkpoint-1"
+
+
+def save_checkpoint(path, payload):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist; train first or pass the path of a model.pt")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is not a model.pt written by these scripts")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint written by these scripts (no '{CHECKPOINT_FORMAT}' marker)")
+    return payload
+
+
+def rng_states(dataset):
+    return {"torch": torch.get_rng_state(), "data": dataset.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states, dataset):
+    torch.set_rng_state(states["torch"].cpu())
+    dataset.generator.set_state(states["data"].cpu())
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+def start(args, dataset, modules, optimizers):
+    """A fresh training state, or the one saved in SAVE_DIR/model.pt with --resume.
+    With --eval_only, loads the checkpoint's best weights instead."""
+    os.makedirs(args.save_dir, exist_ok=True)
+    state = new_state(args)
+    path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
+    if not (args.resume or args.eval_only):
+        open(os.path.join(args.save_dir, "log.jsonl"), "w").close()
+        return state
+    payload = load_checkpoint(path, args.device)
+    if payload["vocab"] != getattr(dataset, "vocab", None):
+        fail(f"{path} was trained with another vocabulary than {args.data_dir}; use the same data")
+    which = "best_modules" if args.eval_only else "modules"
+    for name, module in modules.items():
+        module.load_state_dict(payload[which][name])
+    if args.eval_only:
+        return {k: v for k, v in payload["state"].items()}
+    for name, opt in optimizers.items():
+        opt.load_state_dict(payload["optimizers"][name])
+    set_rng_states(payload["rng"], dataset)
+    state = {**payload["state"], "best_modules": payload["best_modules"]}
+    log_path = os.path.join(args.save_dir, "log.jsonl")   # drop epochs logged after the checkpoint
+    lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+    with open(log_path, "w") as f:
+        f.writelines(line + "\n" for line in lines if json.loads(line)["epoch"] <= state["epoch"])
+    print(f"resumed from {path} after epoch {state['epoch']}", flush=True)
+    return state
+
+
+class Meter:
+    """Training sums kept on the device (no host sync per step); printed every `print_every` steps."""
+
+    def __init__(self, args, epoch):
+        self.args, self.epoch, self.start = args, epoch, time.time()
+        self.sums, self.examples, self.steps = torch.zeros(2, device=args.device), 0, 0
+
+    def add(self, rec, kl, kl_weight):
+        self.sums += torch.stack([rec.sum(), kl.sum()])
+        self.examples += rec.shape[0]
+        self.steps += 1
+        if self.steps % self.args.print_every == 0:
+            r = self.result()
+            print(f"epoch {self.epoch} step {self.steps}: -elbo {r['neg_elbo']:.3f} rec {r['rec']:.3f} "
+                  f"kl {r['kl']:.3f} kl_weight {kl_weight:.3f} "
+                  f"{self.examples / (time.time() - self.start):.0f} examples/s", flush=True)
+
+    def result(self):
+        rec, kl = (self.sums / max(self.examples, 1)).tolist()
+        if not math.isfinite(rec + kl):
+            fail(f"training loss became {rec + kl} in epoch {self.epoch}; lower --lr or --clip "
+                 f"(the last good checkpoint is in {self.args.save_dir})")
+        return {"neg_elbo": rec + kl, "rec": rec, "kl": kl}
+
+
+def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **extra):
+    """After validation: lr schedule, checkpoint (the latest state and the best weights), log line.
+    Returns True when training should stop (5 lr decays)."""
+    train = meter.result()
+    state["epoch"] = epoch
+    state["train_seconds"] += time.time() - meter.start
+    best = schedule(state, val["neg_elbo"], optimizers)
+    current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+               for name, m in modules.items()}
+    if best:
+        state["best_modules"] = current
+    save_checkpoint(os.path.join(args.save_dir, "model.pt"), {
+        "format": CHECKPOINT_FORMAT, "args": {k: v for k, v in vars(args).items() if k != "device"},
+        "vocab": getattr(dataset, "vocab", None), "modules": current,
+        "state": {k: v for k, v in state.items() if k != "best_modules"},
+        "best_modules": state["best_modules"],
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "rng": rng_states(dataset)})
+    record = {"epoch": epoch, "lr": state["lr"], "kl_weight": kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size)),
+              "seconds": time.time() - meter.start, "train": train,
+              "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")}, **extra}
+    with open(os.path.join(args.save_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"epoch {epoch}: train -elbo {train['neg_elbo']:.3f} | val nll {val['nll']:.3f} "
+          f"-elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
+          f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
+    return state["decays"] >= 5
+
+
+def final_test(args, state, infer, decoder, dataset, modules):
+    """Evaluate the best weights on the test split with iw_samples; write and print metrics.json."""
+    if "best_modules" in state:                    # training ran: test the best weights
+        for name, module in modules.items():
+            module.load_state_dict(state["best_modules"][name])
+    for m in modules.values():
+        m.eval()
+    test = evaluate(infer, decoder, dataset.batches("test", args.batch_size), args.iw_samples)
+    metrics = {"method": args.method, "dataset": args.dataset, **test,
+               "train_seconds": state["train_seconds"]}
+    with open(os.path.join(args.save_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print("test: " + json.dumps(metrics), flush=True)
+    return metrics

@@ -1,0 +1,175 @@
+"""Datasets and batching: He et al.'s synthetic text (built in memory from a seed) and text corpora
+(Yahoo, Yelp, PTB, or any folder of one-sentence-per-line files).
+
+A sentence is stored as [<s>, w_1, ..., w_n, </s>]. Batches hold sentences of equal length, so there
+is no padding; every sentence is used exactly once per epoch and the batch order is shuffled from
+the seed by the dataset's own generator (saved in checkpoints, so a resumed run sees the same batches).
+"""
+import collections
+import glob
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+from common import LSTMDecoder, fail
+
+SPECIALS = ["<s>", "</s>", "<unk>"]
+BOS, EOS, UNK = 0, 1, 2
+UNK_WORDS = {"<unk>", "_UNK"}        # PTB and the Yang et al. corpora already mark rare words
+SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
+SOURCES = {
+    "yahoo": "the Yahoo Answers corpus of Yang et al. (2017), distributed with the code of "
+             "Kim et al. (harvardnlp/sa-vae) and He et al. (jxhe/vae-lagging-encoder)",
+    "yelp": "the Yelp corpus of Yang et al. (2017), distributed with He et al.'s code "
+            "(jxhe/vae-lagging-encoder); lines may start with 'label<TAB>'",
+    "ptb": "Mikolov's Penn Treebank (simple-examples/data/ptb.{train,valid,test}.txt)",
+    "text": "your own corpus: one sentence per line, tokens separated by spaces",
+}
+
+
+class TextData:
+    """Sentences grouped by length, per split: {split: {length: LongTensor [count, length]}}."""
+
+    def __init__(self, splits, vocab, seed, device="cpu"):
+        self.vocab, self.vocab_size = vocab, len(vocab)
+        self.by_length = {}
+        for split, sentences in splits.items():
+            groups = collections.defaultdict(list)
+            for s in sentences:
+                groups[len(s)].append(s)
+            self.by_length[split] = {n: torch.tensor(g, dtype=torch.long, device=device)
+                                     for n, g in sorted(groups.items())}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def size(self, split):
+        return sum(len(t) for t in self.by_length[split].values())
+
+    def steps_per_epoch(self, batch_size):
+        return sum(math.ceil(len(t) / batch_size) for t in self.by_length["train"].values())
+
+    def batches(self, split, batch_size, shuffle=False):
+        """A list of [batch, length] tensors covering the split once (the last batch of a length may
+        be smaller). With shuffle, sentences within a length and the batch order are permuted."""
+        out = []
+        for group in self.by_length[split].values():
+            if shuffle:
+                group = group[torch.randperm(len(group), generator=self.generator).to(group.device)]
+            out.extend(group.split(batch_size))
+        if shuffle:
+            out = [out[i] for i in torch.randperm(len(out), generator=self.generator).tolist()]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Text files.
+
+def find_split_file(data_dir, dataset, split):
+    """train.txt / valid.txt / test.txt, or NAME.train.txt style; 'val' is accepted for 'valid'."""
+    for name in SPLIT_NAMES[split]:
+        path = os.path.join(data_dir, f"{name}.txt")
+        if os.path.isfile(path):
+            return path
+        found = sorted(glob.glob(os.path.join(data_dir, f"*.{name}.txt")))
+        if len(found) > 1:
+            fail(f"{data_dir} holds several {split} files ({', '.join(found)}); keep one")
+        if found:
+            return found[0]
+    fail(f"no {split} file for --dataset {dataset}: expected {os.path.join(data_dir, split + '.txt')} "
+         f"(or {dataset}.{split}.txt). It is {SOURCES[dataset]}; set --data_dir to its folder")
+
+
+def read_sentences(path):
+    """Token lists, one per non-blank line, with an optional leading 'label<TAB>' removed;
+    also returns how many blank lines were skipped."""
+    sentences, blank = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            head, tab, rest = line.partition("\t")
+            if tab and head.strip().lstrip("-").isdigit():
+                line = rest
+            words = line.split()
+            if words:
+                sentences.append(words)
+            else:
+                blank += 1
+    if not sentences:
+        fail(f"{path} has no sentences (it is empty or blank); expected one sentence per line")
+    return sentences, blank
+
+
+def build_vocab(sentences):
+    """Special tokens, then training words by frequency (ties alphabetical); unk markers map to <unk>."""
+    counts = collections.Counter(w for s in sentences for w in s if w not in UNK_WORDS)
+    return SPECIALS + sorted(counts, key=lambda w: (-counts[w], w))
+
+
+def encode(sentences, index):
+    return [[BOS] + [index.get(w, UNK) for w in s] + [EOS] for s in sentences]
+
+
+def load_text(args):
+    words, lines = {}, []
+    for split in SPLIT_NAMES:
+        path = find_split_file(args.data_dir, args.dataset, split)
+        words[split], blank = read_sentences(path)
+        lines.append(f"{split} {len(words[split])} sentences from {path}"
+                     + (f" ({blank} blank lines skipped)" if blank else ""))
+    if args.train_size:
+        words["train"] = words["train"][:args.train_size]
+    vocab = build_vocab(words["train"])
+    index = {w: i for i, w in enumerate(vocab)}
+    index.update({w: UNK for w in UNK_WORDS})
+    print("data: " + "; ".join(lines) + f"; vocabulary {len(vocab)}", flush=True)
+    return TextData({split: encode(s, index) for split, s in words.items()}, vocab, args.seed, args.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# He et al. 2019, Appendix B.1: synthetic text whose latent structure is known.
+
+def he_generator(seed, words=1000, emb_dim=100, hidden_dim=100):
+    """The generator: an LSTM whose initial state is an affine map of z in R^2 and whose logits also
+    get a linear map of z. Weights are large (uniform(-1, 1), and (-3, 3) for z -> logits, as in the
+    authors' generator) so that sentences depend strongly on z."""
+    g = torch.Generator().manual_seed(seed)
+    gen = LSTMDecoder(words, emb_dim, hidden_dim, latent_dim=2, z_to_output=True).eval()
+    with torch.no_grad():
+        for p in gen.parameters():
+            nn.init.uniform_(p, -1.0, 1.0, generator=g)
+        nn.init.uniform_(gen.z_out.weight, -3.0, 3.0, generator=g)
+    return gen, g
+
+
+def synthetic_sentences(seed=20190506, count=20000, length=10, words=1000):
+    """z from a mixture of 4 unit-variance Gaussians at (+-2, +-2); first word uniform, the remaining
+    length-1 words sampled from the generator. Word ids shifted past the special tokens."""
+    gen, g = he_generator(seed, words)
+    centers = torch.tensor([[-2.0, -2.0], [2.0, 2.0], [-2.0, 2.0], [2.0, -2.0]])
+    z = centers[torch.randint(4, (count,), generator=g)] + torch.randn(count, 2, generator=g)
+    first = torch.randint(words, (count,), generator=g)
+    rest = gen.sample(z, first, length - 1, generator=g)
+    body = torch.cat([first.unsqueeze(1), rest], 1) + len(SPECIALS)
+    full = torch.cat([torch.full((count, 1), BOS), body, torch.full((count, 1), EOS)], 1)
+    return full.tolist(), z
+
+
+def load_synthetic(args):
+    sentences, _ = synthetic_sentences()
+    splits = {"train": sentences[:16000], "valid": sentences[16000:18000], "test": sentences[18000:]}
+    if args.train_size:
+        splits["train"] = splits["train"][:args.train_size]
+    vocab = SPECIALS + [f"w{i}" for i in range(1000)]
+    print(f"data: He et al. synthetic, {len(splits['train'])}/2000/2000 sentences of 10 words, "
+          f"vocabulary {len(vocab)}", flush=True)
+    return TextData(splits, vocab, args.seed, args.device)
+
+
+def load(args):
+    """The dataset named by args.dataset."""
+    if args.dataset == "synthetic":
+        return load_synthetic(args)
+    if not os.path.isdir(args.data_dir):
+        fail(f"data folder {args.data_dir} does not exist; --dataset {args.dataset} needs "
+             f"{SOURCES[args.dataset]} there (or pass --data_dir)")
+    return load_text(args)

@@ -1,0 +1,58 @@
+"""Amortized variational inference: a VAE whose encoder predicts q(z|x) = N(mean, diag(exp(logvar)))
+in one pass, trained jointly with the decoder on the ELBO, with the KL term annealed from --kl_start to 1.
+--latent_dim 0 trains the autoregressive LSTM language model, whose NLL is exact.
+
+Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014; text setting of Kim et al. 2018 and
+He et al. 2019 (the VAE rows of their tables).
+Reproduce: python vae.py --dataset yahoo --cuda            (VAE + annealing)
+           python vae.py --dataset yahoo --kl_start 1 --cuda (standard ELBO; He et al. Table 1)
+           python vae.py --dataset yahoo --latent_dim 0 --cuda (LSTM-LM)
+"""
+import argparse
+
+import common
+import data
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+common.add_shared_args(parser)
+args = common.parse_args(parser, "vae")
+
+dataset = data.load(args)
+encoder, decoder = common.build_model(args, dataset)
+modules = {"encoder": encoder, "decoder": decoder}
+optimizer = common.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)
+optimizers = {"optimizer": optimizer}
+
+
+def infer(x):
+    """q(z|x) in one encoder pass."""
+    return encoder(x)
+
+
+def train_step(x, kl_weight):
+    mean, logvar = encoder(x)
+    z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
+    rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
+    kl = common.kl_normal(mean, logvar)                      # closed form
+    loss = (rec + kl_weight * kl).mean()                     # -ELBO, KL weighted while annealing
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    common.clip_grad(modules.values(), args.clip)
+    optimizer.step()
+    return rec.detach(), kl.detach()
+
+
+state = common.start(args, dataset, modules, optimizers)
+for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+    encoder.train(), decoder.train()
+    meter = common.Meter(args, epoch)
+    for x in dataset.batches("train", args.batch_size, shuffle=True):
+        kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
+        rec, kl = train_step(x, kl_weight)
+        state["step"] += 1
+        meter.add(rec, kl, kl_weight)
+    encoder.eval(), decoder.eval()
+    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers):
+        break
+common.final_test(args, state, infer, decoder, dataset, modules)
