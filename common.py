@@ -173,6 +173,12 @@ def build_model(args, dataset):
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
+def log_prob_chunked(decoder, x, z, max_floats=2 ** 25):
+    """decoder.log_prob(x, z) for many samples z [batch, n, d], n split into chunks to bound memory."""
+    chunk = max(1, max_floats // (x.shape[0] * decoder.cost_per_sample(x)))
+    return torch.cat([decoder.log_prob(x, part) for part in z.split(chunk, 1)], 1)
+
+
 @torch.no_grad()
 def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
     """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)`
@@ -269,6 +275,9 @@ def add_shared_args(parser):
     add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
+    add("--plot_posterior", type=int, default=0, metavar="N",
+        help="every N training steps (and at step 0) save the posterior-mean-space picture of "
+             "He et al. Fig. 2 to SAVE_DIR/posterior/ (latent_dim 1; needs matplotlib)")
     return parser
 
 
@@ -474,3 +483,63 @@ def final_test(args, state, infer, decoder, dataset, modules):
         json.dump(metrics, f, indent=1)
     print("test: " + json.dumps(metrics), flush=True)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# He et al. 2019, Figure 2: the posterior mean space, which makes posterior collapse visible.
+
+@torch.no_grad()
+def true_posterior_mean(decoder, x, grid):
+    """E_p(z|x)[z] for a scalar latent, by discretising z on `grid` [G] and normalising
+    log p(x|z) + log p(z) with logsumexp: [batch]."""
+    z = grid.view(1, -1, 1).expand(x.shape[0], -1, -1)
+    log_joint = log_prob_chunked(decoder, x, z) + log_prior(z)
+    return (log_joint.softmax(1) * grid).sum(1)
+
+
+def plot_posterior(args, step, infer, decoder, dataset, count=500):
+    """With --plot_posterior N, every N steps: for `count` validation sentences, the mean of the true
+    posterior (grid over [-20, 20], step 0.1) against the mean of q(z|x). Writes posterior/STEP.json
+    (to redraw) and posterior/STEP.png. Leaves the random streams of training untouched."""
+    if not args.plot_posterior or step % args.plot_posterior:
+        return
+    if args.latent_dim != 1:
+        fail("--plot_posterior draws the picture for a scalar latent; add --latent_dim 1")
+    was_training = decoder.training
+    decoder.eval()
+    true_means, q_means, seen = [], [], 0
+    with torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []):
+        grid = torch.arange(-200, 201, device=args.device) / 10
+        for x in dataset.batches("valid", args.batch_size):
+            if seen >= count:
+                break
+            x = x[:count - seen]
+            with torch.no_grad():
+                q_means.append(infer(x)[0][:, 0])
+            true_means.append(true_posterior_mean(decoder, x, grid))
+            seen += x.shape[0]
+    decoder.train(was_training)
+    points = {"step": step, "method": args.method, "true_mean": torch.cat(true_means).tolist(),
+              "q_mean": torch.cat(q_means).tolist()}
+    folder = os.path.join(args.save_dir, "posterior")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{step:07d}.json"), "w") as f:
+        json.dump(points, f)
+    draw_posterior(points, os.path.join(folder, f"{step:07d}.png"))
+
+
+def draw_posterior(points, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("--plot_posterior needs matplotlib to draw (pip install matplotlib); the .json data was written")
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(points["true_mean"], points["q_mean"], s=6, alpha=0.6)
+    ax.plot([-3, 3], [-3, 3], color="gray", linewidth=0.8)
+    ax.set(xlim=(-3, 3), ylim=(-3, 3), xlabel="mean of true posterior p(z|x)",
+           ylabel="mean of q(z|x)", title=f"{points['method']}, step {points['step']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -47,6 +47,7 @@ for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1)
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
+        common.plot_posterior(args, state["step"], infer, decoder, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         rec, kl = train_step(x, kl_weight)
         state["step"] += 1
