@@ -1,0 +1,78 @@
+"""vae.py through its command line: metrics, determinism, resume, the LM baseline, bad input."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_TEXT, read_metrics, run_script
+
+
+def without_time(metrics):
+    return {k: v for k, v in metrics.items() if k != "train_seconds"}
+
+
+def test_smoke_synthetic_and_same_seed_same_metrics(tmp_path):
+    run_script("vae.py", *TINY, "--save_dir", tmp_path / "a")
+    run_script("vae.py", *TINY, "--save_dir", tmp_path / "b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert a["method"] == "vae" and a["dataset"] == "synthetic" and a["num_examples"] == 2000
+    assert a["nll"] <= a["neg_elbo"] + 0.05 and a["ppl"] > 1
+    assert without_time(a) == without_time(b)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and {"train", "val", "lr", "kl_weight"} <= set(log[0])
+
+
+def test_text_folder_and_eval_only(tmp_path, text_dir):
+    run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, *TINY, *TINY_TEXT,
+               "--save_dir", tmp_path / "t")
+    trained = read_metrics(tmp_path / "t")
+    assert trained["dataset"] == "text" and trained["num_examples"] == 10
+    proc = run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, "--eval_only",
+                      "--checkpoint", tmp_path / "t" / "model.pt", "--iw_samples", "4",
+                      "--batch_size", "4", "--save_dir", tmp_path / "e")
+    evaluated = read_metrics(tmp_path / "e")
+    assert "latent_dim=2" in proc.stdout                   # the model's shape came from the checkpoint
+    assert evaluated["kl"] == pytest.approx(trained["kl"], rel=1e-5)   # same weights, same q
+
+
+def test_interrupted_and_resumed_run_matches_straight_run(tmp_path):
+    args = ["--train_size", "96", "--iw_samples", "4", "--val_iw_samples", "2"]
+    run_script("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "straight")
+    run_script("vae.py", *args, "--epochs", "1", "--save_dir", tmp_path / "resumed")
+    run_script("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "resumed", "--resume")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert without_time(straight) == without_time(resumed)
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("straight", "resumed")]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_latent_dim_zero_is_an_exact_language_model(tmp_path, text_dir):
+    run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, *TINY, *TINY_TEXT,
+               "--latent_dim", "0", "--save_dir", tmp_path / "lm")
+    m = read_metrics(tmp_path / "lm")
+    assert m["kl"] == 0 and m["mi"] == 0 and m["au"] == 0
+    assert m["nll"] == pytest.approx(m["neg_elbo"], abs=1e-4) == pytest.approx(m["rec"], abs=1e-4)
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_gets_one_clear_line(tmp_path, text_dir):
+    one_line_error(run_script("vae.py", "--dataset", "yahoo", "--data_dir", tmp_path / "missing", check=False),
+                   "missing", "Yahoo")
+    (text_dir / "valid.txt").write_text("")
+    one_line_error(run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, check=False),
+                   "valid.txt has no sentences")
+    garbage, foreign = tmp_path / "garbage.pt", tmp_path / "foreign.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, foreign)
+    for path in (garbage, foreign, tmp_path / "absent.pt"):
+        one_line_error(run_script("vae.py", "--eval_only", "--checkpoint", path, check=False), str(path))
+    if not torch.cuda.is_available():
+        one_line_error(run_script("vae.py", "--cuda", check=False), "--cuda")
