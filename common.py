@@ -160,13 +160,176 @@ class LSTMDecoder(nn.Module):
         return torch.cat(tokens, 1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Networks for binary 28x28 images. Every image decoder scores x with a Bernoulli likelihood computed
+# from logits (binary_cross_entropy_with_logits: exact, no clamping of probabilities).
+
+def bernoulli_log_prob(logits, x):
+    """log p(x) per pixel for Bernoulli(sigmoid(logits))."""
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels_in, channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels, 3, stride, 1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.skip = nn.Conv2d(channels_in, channels, 1, stride) if stride != 1 or channels_in != channels else nn.Identity()
+
+    def forward(self, x):
+        return F.elu(self.conv2(F.elu(self.conv1(x))) + self.skip(x))
+
+
+class ResNetEncoder(nn.Module):
+    """He et al. 2019's image encoder: three residual blocks of 64 maps with stride 2 (28 -> 14 -> 7 -> 4),
+    a 4x4 convolution to 512 units, then mean and logvar. Without batch normalisation, so that an
+    example's q(z|x) never depends on the other examples in its batch."""
+
+    def __init__(self, latent_dim, channels=64, hidden=512):
+        super().__init__()
+        self.blocks = nn.Sequential(ResidualBlock(1, channels, 2), ResidualBlock(channels, channels, 2),
+                                    ResidualBlock(channels, channels, 2), nn.Conv2d(channels, hidden, 4), nn.ELU())
+        self.to_params = nn.Linear(hidden, 2 * latent_dim)
+
+    def forward(self, x):
+        mean, logvar = self.to_params(self.blocks(x).flatten(1)).chunk(2, -1)
+        return mean, logvar
+
+
+class CausalConv(nn.Conv2d):
+    """A convolution that sees only the past: for the vertical stack the rows above (and, with
+    include_center, the current row), for the horizontal stack the pixels to the left (and, with
+    include_center, the current one). Done by padding and shifting rather than masking, so no
+    multiply is spent on weights that would be masked to zero (van den Oord et al. 2016)."""
+
+    def __init__(self, channels_in, channels_out, kernel, stack, include_center):
+        half = kernel // 2
+        size = (half + 1, kernel) if stack == "vertical" else (1, half + 1)
+        super().__init__(channels_in, channels_out, size)
+        shift = 0 if include_center else 1
+        if stack == "vertical":   # pad (left, right, top, bottom); drop the last rows to shift down
+            self.pad, self.crop = (half, half, half + shift, 0), (shift, 0)
+        else:
+            self.pad, self.crop = (half + shift, 0, 0, 0), (0, shift)
+
+    def forward(self, x):
+        out = super().forward(F.pad(x, self.pad))
+        return out[..., :out.shape[-2] - self.crop[0], :out.shape[-1] - self.crop[1]]
+
+
+def gate(t):
+    """tanh(a) * sigmoid(b) for t = [a, b] split along the channels."""
+    a, b = t.chunk(2, 1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated PixelCNN layer with a vertical and a horizontal stack: out = tanh(a) * sigmoid(b).
+    The first layer (mask A) excludes the current pixel and takes the z feature maps, unshifted (z is
+    not data: every pixel, the first included, may see it); later layers (mask B) include the current
+    pixel and are residual."""
+
+    def __init__(self, channels_in, channels, kernel, first, z_maps=0):
+        super().__init__()
+        self.first = first
+        self.vertical = CausalConv(channels_in, 2 * channels, kernel, "vertical", include_center=not first)
+        self.horizontal = CausalConv(channels_in, 2 * channels, kernel, "horizontal", include_center=not first)
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+        self.z_to_v = nn.Conv2d(z_maps, 2 * channels, 1) if z_maps else None
+        self.z_to_h = nn.Conv2d(z_maps, 2 * channels, 1) if z_maps else None
+
+    def forward(self, v, h, maps=None):
+        v_pre = self.vertical(v)          # depends only on rows strictly above
+        h_pre = self.horizontal(h) + self.v_to_h(v_pre)
+        if maps is not None:
+            v_pre, h_pre = v_pre + self.z_to_v(maps), h_pre + self.z_to_h(maps)
+        gated = self.h_out(gate(h_pre))
+        return gate(v_pre), gated if self.first else h + gated
+
+
+class PixelCNNDecoder(nn.Module):
+    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over 28x28 pixels in raster order: a gated PixelCNN with
+    vertical and horizontal stacks (van den Oord et al. 2016), z mapped by a linear layer to feature maps
+    that are joined to the image at the first (mask A) layer (He et al. 2019; Kim et al. 2018).
+    Default kernels: He et al.'s 13 layers (five 7x7, four 5x5, four 3x3); latent_dim 0 is a plain PixelCNN."""
+
+    def __init__(self, latent_dim, channels=64, kernels=(7, 7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3), z_maps=4):
+        super().__init__()
+        self.latent_dim, self.channels, self.z_maps = latent_dim, channels, z_maps if latent_dim > 0 else 0
+        self.z_to_maps = nn.Linear(latent_dim, self.z_maps * 28 * 28) if latent_dim > 0 else None
+        self.layers = nn.ModuleList(GatedLayer(1 if i == 0 else channels, channels, k, first=i == 0,
+                                               z_maps=self.z_maps if i == 0 else 0)
+                                    for i, k in enumerate(kernels))
+        self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
+
+    def pixel_log_prob(self, x, z):
+        """log p(x_i | x_<i, z) for x [batch, 1, 28, 28], z [batch, n, d]: [batch, n, 784]."""
+        batch, n = z.shape[:2]
+        images = x.unsqueeze(1).expand(-1, n, -1, -1, -1).reshape(batch * n, *x.shape[1:])
+        maps = None
+        if self.latent_dim > 0:
+            maps = self.z_to_maps(z.reshape(batch * n, -1)).view(batch * n, self.z_maps, *x.shape[2:])
+        v, h = self.layers[0](images, images, maps)
+        for layer in self.layers[1:]:
+            v, h = layer(v, h)
+        return bernoulli_log_prob(self.out(h), images).view(batch, n, -1)
+
+    def log_prob(self, x, z, generator=None):
+        """log p(x|z): [batch, n]. (No dropout: generator is accepted for the common interface.)"""
+        return self.pixel_log_prob(x, z).sum(-1)
+
+    def cost_per_sample(self, x):
+        return 6 * self.channels * x[0].numel()
+
+
+class MLPEncoder(nn.Module):
+    """Burda et al. 2016's encoder: 784-200-200-(mean, logvar) with tanh units."""
+
+    def __init__(self, latent_dim, hidden=200):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
+                                 nn.Tanh(), nn.Linear(hidden, 2 * latent_dim))
+
+    def forward(self, x):
+        mean, logvar = self.net(x).chunk(2, -1)
+        return mean, logvar
+
+
+class MLPDecoder(nn.Module):
+    """Burda et al. 2016's decoder, the encoder's mirror: d-200-200-784 Bernoulli logits, tanh units.
+    Pixels are independent given z."""
+
+    def __init__(self, latent_dim, hidden=200):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, 784))
+
+    def log_prob(self, x, z, generator=None):
+        """log p(x|z): [batch, n]. (No dropout: generator is accepted for the common interface.)"""
+        return bernoulli_log_prob(self.net(z), x.flatten(1).unsqueeze(1).expand(-1, z.shape[1], -1)).sum(-1)
+
+    def cost_per_sample(self, x):
+        return 784 + 400
+
+
 def build_model(args, dataset):
-    """The encoder and decoder for a dataset, sized from args."""
-    if args.latent_dim > 0:
-        encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim)
-    else:
+    """The encoder and decoder for a dataset (text or images), sized from args."""
+    if args.latent_dim == 0:
         encoder = NoEncoder()
-    decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout)
+    elif dataset.kind == "image":
+        encoder = MLPEncoder(args.latent_dim, args.hidden_dim) if args.image_net == "mlp" else ResNetEncoder(args.latent_dim)
+    else:
+        encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim)
+    if dataset.kind == "image":
+        if args.image_net == "mlp":
+            if args.latent_dim == 0:
+                fail("--image_net mlp needs a latent (its pixels are independent given z); use --latent_dim > 0")
+            decoder = MLPDecoder(args.latent_dim, args.hidden_dim)
+        else:
+            decoder = PixelCNNDecoder(args.latent_dim, args.hidden_dim)
+    else:
+        decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout)
     return encoder.to(args.device), decoder.to(args.device)
 
 
@@ -238,15 +401,23 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
 # Arguments. A dataset preset fills every flag the user did not give; explicit flags win.
 
 TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
-                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1)
+                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2)
 PRESETS = {
     # He et al. 2019, Appendix B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO.
     "synthetic": dict(epochs=20, batch_size=16, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=1,
-                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0),
+                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0, patience=2),
     # Kim et al. 2018 / He et al. 2019 text setting, with the 0.1 -> 1 KL annealing over 10 epochs.
     "yahoo": TEXT_PRESET, "yelp": TEXT_PRESET, "ptb": TEXT_PRESET, "text": TEXT_PRESET,
+    # Omniglot (He et al. 2019, Table 2): ResNet encoder, 13-layer gated PixelCNN with 64 maps, d = 32,
+    # Adam lr 1e-3, batch 50, standard ELBO. hidden_dim is the PixelCNN's feature maps.
+    "omniglot": dict(epochs=500, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=32,
+                     emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10),
+    # The image path at CPU size: same networks, few maps.
+    "synthetic_images": dict(epochs=10, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=4,
+                             emb_dim=0, hidden_dim=16, dropout=0.0, warmup=0, kl_start=1.0, patience=10),
 }
-MODEL_KEYS = ("dataset", "latent_dim", "emb_dim", "hidden_dim")
+MLP_PRESET = dict(latent_dim=50, hidden_dim=200)   # --image_net mlp: Burda et al. 2016's 784-200-200-50
+MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim")
 
 
 def add_shared_args(parser):
@@ -264,8 +435,11 @@ def add_shared_args(parser):
     add("--emb_dim", type=int)
     add("--hidden_dim", type=int)
     add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
+    add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn",
+        help="images: ResNet encoder + gated PixelCNN decoder, or Burda et al.'s MLPs")
     add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
     add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
+    add("--patience", type=int, help="halve the lr after this many epochs without a better validation -ELBO")
     add("--seed", type=int, default=783435)
     add("--cuda", action="store_true", help="run on the GPU")
     add("--save_dir", default=None, help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
@@ -291,7 +465,8 @@ def parse_args(parser, method):
         saved = load_checkpoint(args.checkpoint, "cpu")["args"]
         for key in MODEL_KEYS:                       # the model's shape comes from the checkpoint
             setattr(args, key, saved[key])
-    for key, value in PRESETS[args.dataset].items():
+    preset = {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}
+    for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
@@ -334,9 +509,12 @@ def new_state(args):
             "decays": 0, "train_seconds": 0.0}
 
 
-def schedule(state, val_loss, optimizers, patience=2, max_decays=5):
-    """The papers' lr schedule: halve when validation has not improved for `patience` epochs;
-    returns True once it has decayed `max_decays` times (time to stop). Returns whether val is best."""
+MAX_DECAYS = 5
+
+
+def schedule(state, val_loss, optimizers, patience):
+    """The papers' lr schedule: halve the lr of every optimiser when validation has not improved for
+    `patience` epochs (end_epoch stops training after 5 halvings). Returns whether val is the best so far."""
     best = val_loss < state["best_val"]
     if best:
         state["best_val"], state["worse_epochs"] = val_loss, 0
@@ -446,7 +624,7 @@ def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **ex
     train = meter.result()
     state["epoch"] = epoch
     state["train_seconds"] += time.time() - meter.start
-    best = schedule(state, val["neg_elbo"], optimizers)
+    best = schedule(state, val["neg_elbo"], optimizers, args.patience)
     current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                for name, m in modules.items()}
     if best:
@@ -466,7 +644,7 @@ def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **ex
     print(f"epoch {epoch}: train -elbo {train['neg_elbo']:.3f} | val nll {val['nll']:.3f} "
           f"-elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
           f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
-    return state["decays"] >= 5
+    return state["decays"] >= MAX_DECAYS
 
 
 def final_test(args, state, infer, decoder, dataset, modules):
@@ -543,3 +721,128 @@ def draw_posterior(points, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# SVI refinement (svi.py, savae.py)
+# lambda = (mean, logvar) takes K steps of SGD with momentum on f = -ELBO with the decoder fixed, and
+# savae.py backpropagates through them: Kim et al. 2018, Algorithm 2, forward and backward loops.
+# Per example: f is the SUM of the sentences' -ELBOs, so row i of grad_lambda f is sentence i's own
+# gradient, and clipping acts row by row; no sentence's steps depend on the batch size or the other
+# sentences. (Kim et al.'s f was the batch MEAN: their step on a sentence was lr / B, and their clip
+# acted on the whole batch. --svi_lr a here is their lr a * B at batch size B.)
+
+def svi_generator(device):
+    """A local generator for one batch's SVI steps, seeded from the global CPU RNG (read, never reseeded):
+    runs stay repeatable and resumable, and each step's eps and dropout masks can be replayed."""
+    return torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, ())))
+
+
+def svi_objective(decoder, x, mean, logvar, kl_weight, generator):
+    """f_i = -ELBO of each sentence with one sample, KL weighted as in training: [batch].
+    eps, then the dropout masks, come from `generator`: restoring its state replays the step exactly."""
+    z = reparameterize(mean, logvar, 1, generator)
+    return -decoder.log_prob(x, z, generator)[:, 0] + kl_weight * kl_normal(mean, logvar)
+
+
+def clip_rows(g, max_norm):
+    """Each row g_i scaled to norm at most max_norm (0: off)."""
+    if max_norm <= 0:
+        return g
+    return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
+
+
+def clip_rows_jvp(g, v, max_norm):
+    """J v, J the Jacobian of clip_rows at g. J is symmetric, so this is also v^T J (backprop through
+    the clip): identity for rows within max_norm, (max_norm / |g|) (v - g^ (g^ . v)) for clipped rows."""
+    if max_norm <= 0:
+        return v
+    norm = g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    unit = g / norm
+    projected = (max_norm / norm) * (v - unit * (unit * v).sum(-1, keepdim=True))
+    return torch.where(norm > max_norm, projected, v)
+
+
+def svi_steps(decoder, x, mean, logvar, kl_weight, args, record=None):
+    """K = args.svi_steps steps from lambda_0 = (mean, logvar) with the decoder fixed (Alg. 2, forward loop):
+        v_{k+1} = momentum * v_k - clip(grad_lambda f(lambda_k)),   lambda_{k+1} = lambda_k + svi_lr * v_{k+1}
+    mean and logvar gradients clipped separately, per sentence, to norm args.svi_clip.
+    Returns (mean_K, logvar_K, trace), detached. With record "exact" or "finite_diff", trace keeps what
+    svi_backward needs: each step's lambda_k, gradient and generator state (and, for finite_diff, the sum
+    over k of grad_theta f(lambda_k)); otherwise nothing is kept. Enables gradients itself (evaluate's no_grad)."""
+    generator = svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps: savae == vae
+    params = list(decoder.parameters()) if record == "finite_diff" else []
+    trace = {"mode": record, "decoder": decoder, "x": x, "kl_weight": kl_weight, "generator": generator,
+             "lam": [], "grad": [], "rng": [],
+             "theta_sum": [torch.zeros_like(p, dtype=torch.float64) for p in params]}
+    lam = [mean.detach(), logvar.detach()]
+    velocity = [torch.zeros_like(t) for t in lam]                                     # v_0 = 0
+    with torch.enable_grad():
+        for _ in range(args.svi_steps):
+            lam = [t.requires_grad_() for t in lam]
+            rng = generator.get_state()
+            f = svi_objective(decoder, x, *lam, kl_weight, generator).sum()
+            grads = torch.autograd.grad(f, lam + params)
+            if record:
+                trace["lam"].append([t.detach() for t in lam])
+                trace["grad"].append(grads[:2])
+                trace["rng"].append(rng)
+                for total, g in zip(trace["theta_sum"], grads[2:]):
+                    total.add_(g.double())             # float64: differences of these sums are divided by 1e-5
+            velocity = [args.momentum * v - clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]
+            lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]
+    return lam[0].detach(), lam[1].detach(), trace
+
+
+def svi_hessian_vector(trace, k, u, fd_step):
+    """(H_{lambda,lambda} u, H_{theta,lambda} u) of f at lambda_k, with step k's eps and dropout masks.
+    fd_step None: exact, by double backward (cuDNN LSTMs have none, so cuDNN is off here).
+    fd_step s: one-sided finite differences (grad f(lambda_k + s u) - grad f(lambda_k)) / s, as in Kim et
+    al.'s code; the theta half returns grad_theta f(lambda_k + s u) / s only: the -grad_theta f(lambda_k) / s
+    terms were summed during the forward steps (trace["theta_sum"]), which saves a gradient per step."""
+    decoder, x, generator = trace["decoder"], trace["x"], trace["generator"]
+    params = list(decoder.parameters())
+    lam_k = trace["lam"][k]
+    generator.set_state(trace["rng"][k])
+    if fd_step is None:
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+            lam = [t.clone().requires_grad_() for t in lam_k]
+            f = svi_objective(decoder, x, *lam, trace["kl_weight"], generator).sum()
+            grads = torch.autograd.grad(f, lam, create_graph=True)
+            hv = torch.autograd.grad(grads, lam + params, grad_outputs=u, allow_unused=True)
+        hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, lam + params)]
+        return hv[:2], hv[2:]
+    with torch.enable_grad():
+        lam = [(t + fd_step * v).requires_grad_() for t, v in zip(lam_k, u)]
+        f = svi_objective(decoder, x, *lam, trace["kl_weight"], generator).sum()
+        grads = torch.autograd.grad(f, lam + params)
+        return ([(g1 - g0) / fd_step for g1, g0 in zip(grads[:2], trace["grad"][k])],
+                [g / fd_step for g in grads[2:]])
+
+
+def svi_backward(trace, grad_mean, grad_logvar, args, fd_step=1e-5):
+    """Kim et al. 2018, Algorithm 2, backward loop. grad_mean, grad_logvar: lambda-bar_K = dL/dlambda_K of the
+    batch-mean loss L = mean_i f_i(lambda_K). Adds the terms through the K steps, -sum_k H_{theta,lambda} v-bar_{k+1},
+    to the decoder's .grad (which holds the direct term grad_theta L) and returns lambda-bar_0 = dL/dlambda_0.
+    L's gradients are 1/B of each sentence's own, so the finite-difference step (fd_step, r = 1e-5 in the paper)
+    is taken as r * B and the intermediate clip as svi_clip / B: both act per sentence, as in the forward steps."""
+    batch, fd = trace["x"].shape[0], trace["mode"] == "finite_diff"
+    step = fd_step * batch if fd else None
+    params = list(trace["decoder"].parameters())
+    lam_bar = [grad_mean, grad_logvar]                                            # lambda-bar_K
+    v_bar = [torch.zeros_like(t) for t in lam_bar]                                # v-bar_K = 0
+    theta_bar = [t / step for t in trace["theta_sum"]] if fd else [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for k in reversed(range(len(trace["lam"]))):
+        v_bar = [v + args.svi_lr * l for v, l in zip(v_bar, lam_bar)]             # v-bar_{k+1} += alpha lambda-bar_{k+1}
+        # the step used clip(grad f(lambda_k)): backprop through the clip (J v-bar) before the Hessian
+        u = [clip_rows_jvp(g, v, args.svi_clip) for g, v in zip(trace["grad"][k], v_bar)]
+        h_lam, h_theta = svi_hessian_vector(trace, k, u, step)
+        lam_bar = [l - h for l, h in zip(lam_bar, h_lam)]                         # lambda-bar_k = lambda-bar_{k+1} - H_{lambda,lambda} v-bar_{k+1}
+        for total, h in zip(theta_bar, h_theta):
+            total.sub_(h.double())                                                # theta-bar -= H_{theta,lambda} v-bar_{k+1}
+        if fd:   # Kim et al.'s code clips the intermediate gradients: finite differences can blow up
+            lam_bar = [clip_rows(l, args.svi_clip / batch) for l in lam_bar]
+        v_bar = [args.momentum * v for v in v_bar]                                # v-bar_k = momentum * v-bar_{k+1}
+    for p, total in zip(params, theta_bar):
+        p.grad = total.to(p.dtype) if p.grad is None else p.grad + total.to(p.dtype)
+    return lam_bar

@@ -1,5 +1,5 @@
-"""Datasets and batching: He et al.'s synthetic text (built in memory from a seed) and text corpora
-(Yahoo, Yelp, PTB, or any folder of one-sentence-per-line files).
+"""Datasets and batching: He et al.'s synthetic text (built in memory from a seed), text corpora
+(Yahoo, Yelp, PTB, or any folder of one-sentence-per-line files), Omniglot and synthetic binary images.
 
 A sentence is stored as [<s>, w_1, ..., w_n, </s>]. Batches hold sentences of equal length, so there
 is no padding; every sentence is used exactly once per epoch and the batch order is shuffled from
@@ -26,11 +26,15 @@ SOURCES = {
             "(jxhe/vae-lagging-encoder); lines may start with 'label<TAB>'",
     "ptb": "Mikolov's Penn Treebank (simple-examples/data/ptb.{train,valid,test}.txt)",
     "text": "your own corpus: one sentence per line, tokens separated by spaces",
+    "omniglot": "Burda et al.'s 28x28 Omniglot, chardata.mat (yburda/iwae, datasets/OMNIGLOT), "
+                "or a .pt file holding {'train': [N, 28, 28], 'test': [M, 28, 28]} grey levels in [0, 1]",
 }
 
 
 class TextData:
     """Sentences grouped by length, per split: {split: {length: LongTensor [count, length]}}."""
+
+    kind = "text"
 
     def __init__(self, splits, vocab, seed, device="cpu"):
         self.vocab, self.vocab_size = vocab, len(vocab)
@@ -169,7 +173,102 @@ def load(args):
     """The dataset named by args.dataset."""
     if args.dataset == "synthetic":
         return load_synthetic(args)
+    if args.dataset == "synthetic_images":
+        return load_synthetic_images(args)
     if not os.path.isdir(args.data_dir):
         fail(f"data folder {args.data_dir} does not exist; --dataset {args.dataset} needs "
              f"{SOURCES[args.dataset]} there (or pass --data_dir)")
-    return load_text(args)
+    return load_omniglot(args) if args.dataset == "omniglot" else load_text(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Binary 28x28 images.
+
+class ImageData:
+    """Grey-level images [N, 1, 28, 28] per split. Training images are binarised afresh every epoch
+    (each call of batches("train", shuffle=True)); validation and test were binarised once, with a fixed
+    seed, when the data was loaded (Burda et al. 2016; He et al. 2019)."""
+    kind = "image"
+    vocab = None
+
+    def __init__(self, splits, seed, device="cpu", binarize_seed=0):
+        fixed = torch.Generator().manual_seed(binarize_seed)
+        self.images = {"train": splits["train"].to(device)}
+        for split in ("valid", "test"):
+            self.images[split] = torch.bernoulli(splits[split], generator=fixed).to(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def size(self, split):
+        return len(self.images[split])
+
+    def steps_per_epoch(self, batch_size):
+        return math.ceil(len(self.images["train"]) / batch_size)
+
+    def batches(self, split, batch_size, shuffle=False):
+        images = self.images[split]
+        if shuffle:
+            images = images[torch.randperm(len(images), generator=self.generator).to(images.device)]
+        if split == "train":
+            noise = torch.rand(images.shape, generator=self.generator).to(images.device)
+            images = (noise < images).float()
+        return list(images.split(batch_size))
+
+
+def read_omniglot_mat(path):
+    """chardata.mat: 'data' [784, 24345] and 'testdata' [784, 8070], grey levels in [0, 1], each column an
+    image flattened column-major (MATLAB order), so it is reshaped to 28x28 and transposed."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        fail("reading chardata.mat needs scipy (pip install scipy)")
+    try:
+        raw = loadmat(path)
+        columns = {"train": raw["data"], "test": raw["testdata"]}
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
+        fail(f"cannot read {path} as Omniglot's chardata.mat ({type(e).__name__}: {e})")
+    return {split: torch.tensor(c.T, dtype=torch.float32).view(-1, 28, 28).transpose(1, 2).contiguous()
+            for split, c in columns.items()}
+
+
+def load_omniglot(args, valid_count=1345):
+    """Omniglot from DATA_DIR/chardata.mat or DATA_DIR/omniglot.pt; the validation split is taken from
+    train with a fixed seed (valid_count images)."""
+    mat, pt = os.path.join(args.data_dir, "chardata.mat"), os.path.join(args.data_dir, "omniglot.pt")
+    if os.path.isfile(mat):
+        splits = read_omniglot_mat(mat)
+    elif os.path.isfile(pt):
+        try:
+            splits = {k: torch.as_tensor(v, dtype=torch.float32).view(-1, 28, 28) for k, v in torch.load(pt).items()}
+        except Exception as e:  # noqa: BLE001
+            fail(f"cannot read {pt} ({type(e).__name__}); expected {SOURCES['omniglot']}")
+    else:
+        fail(f"no Omniglot file: expected {mat} (or {pt}). It is {SOURCES['omniglot']}; set --data_dir to its folder")
+    if "valid" not in splits:
+        order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(0))
+        splits["valid"], splits["train"] = splits["train"][order[:valid_count]], splits["train"][order[valid_count:]]
+    return image_data(args, splits, "Omniglot")
+
+
+def synthetic_images(seed=20160205, count=1200):
+    """Binary-image data generated from a seed, so the image path runs offline: each image is a bright
+    disc whose centre and radius are drawn at random (a 3-D latent cause), blurred at the edge; pixels
+    are then Bernoulli draws. Returns grey levels [count, 28, 28]."""
+    g = torch.Generator().manual_seed(seed)
+    centre = 7 + 14 * torch.rand(count, 2, generator=g)
+    radius = 3 + 5 * torch.rand(count, 1, 1, generator=g)
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    distance = ((rows - centre[:, 0, None, None]) ** 2 + (cols - centre[:, 1, None, None]) ** 2).sqrt()
+    return torch.sigmoid(2 * (radius - distance)) * 0.96 + 0.02
+
+
+def image_data(args, splits, name):
+    if args.train_size:
+        splits["train"] = splits["train"][:args.train_size]
+    print(f"data: {name}, {len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])} images", flush=True)
+    return ImageData({k: v.unsqueeze(1) for k, v in splits.items()}, args.seed, args.device)
+
+
+def load_synthetic_images(args):
+    images = synthetic_images()
+    return image_data(args, {"train": images[:1000], "valid": images[1000:1100], "test": images[1100:]},
+                      "synthetic binary images")
