@@ -614,7 +614,7 @@ class Meter:
         rec, kl = (self.sums / max(self.examples, 1)).tolist()
         if not math.isfinite(rec + kl):
             fail(f"training loss became {rec + kl} in epoch {self.epoch}; lower --lr or --clip "
-                 f"(the last good checkpoint is in {self.args.save_dir})")
+                 f"(checkpoints of finished epochs are in {self.args.save_dir})")
         return {"neg_elbo": rec + kl, "rec": rec, "kl": kl}
 
 
