@@ -365,7 +365,8 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
         mean, logvar = mean.detach(), logvar.detach()
         batch, d = mean.shape
         samples = iw_samples if d > 0 else 1        # no latent: log p(x) is exact, one pass suffices
-        chunk = max(1, min(samples, max_floats // (batch * decoder.cost_per_sample(x))))
+        per_sample = batch * (decoder.cost_per_sample(x) + batch * d)   # decoder, and the pairwise densities
+        chunk = max(1, min(samples, max_floats // per_sample))
         log_w, log_px_z, log_qz = [], [], []
         for start in range(0, samples, chunk):
             z = reparameterize(mean, logvar, min(chunk, samples - start))
