@@ -314,7 +314,11 @@ class MLPDecoder(nn.Module):
 
 
 def build_model(args, dataset):
-    """The encoder and decoder for a dataset (text or images), sized from args."""
+    """The encoder and decoder for a dataset (text or images), sized from args.
+    With --oracle the decoder is the dataset's true generator, frozen (Kim et al. 2018, Sec. 5.1)."""
+    oracle = getattr(args, "oracle", False)
+    if oracle:
+        use_true_generator(args, dataset)
     if args.latent_dim == 0:
         encoder = NoEncoder()
     elif dataset.kind == "image":
@@ -330,7 +334,25 @@ def build_model(args, dataset):
             decoder = PixelCNNDecoder(args.latent_dim, args.hidden_dim)
     else:
         decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout)
+    if oracle:
+        decoder = dataset.true_decoder             # requires_grad False: make_optimizer leaves it out
     return encoder.to(args.device), decoder.to(args.device)
+
+
+def use_true_generator(args, dataset):
+    """--oracle: check that the data has a known generator and give the model its sizes (the encoder is
+    sized from the same flags, as in Kim et al.), saying which flags that changes."""
+    true = getattr(dataset, "true_decoder", None)
+    if true is None:
+        fail(f"--oracle needs data whose generator is known (--dataset synthetic_oracle); {args.dataset} has none")
+    sizes = {"latent_dim": true.latent_dim, "emb_dim": true.embed.embedding_dim, "hidden_dim": true.lstm.hidden_size}
+    changed = [f"{key} {getattr(args, key)} -> {value}" for key, value in sizes.items() if getattr(args, key) != value]
+    if changed:
+        print("--oracle: the model takes the true generator's sizes: " + ", ".join(changed), flush=True)
+    for key, value in sizes.items():
+        setattr(args, key, value)
+    for p in true.parameters():
+        p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,12 +435,18 @@ PRESETS = {
     # Adam lr 1e-3, batch 50, standard ELBO. hidden_dim is the PixelCNN's feature maps.
     "omniglot": dict(epochs=500, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=32,
                      emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10),
+    # Kim et al. 2018, Sec. 5.1 (data from an oracle generator, d = 2). Their App. B.1 as far as known (unverified):
+    # learned model with 100-dim embeddings and 100-unit LSTMs, batch 50, SGD lr 1, clip 5, no dropout, 100 epochs
+    # with KL annealing. Ours: Adam lr 1e-3 (SGD lr 1 diverges when the decoder is the sharp true generator, and
+    # one optimiser serves both columns), the standard ELBO and 3 epochs, to fit a CPU.
+    "synthetic_oracle": dict(epochs=3, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=2,
+                             emb_dim=100, hidden_dim=100, dropout=0.0, warmup=0, kl_start=1.0, patience=2),
     # The image path at CPU size: same networks, few maps.
     "synthetic_images": dict(epochs=10, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=4,
                              emb_dim=0, hidden_dim=16, dropout=0.0, warmup=0, kl_start=1.0, patience=10),
 }
 MLP_PRESET = dict(latent_dim=50, hidden_dim=200)   # --image_net mlp: Burda et al. 2016's 784-200-200-50
-MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim")
+MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "oracle")
 
 
 def add_shared_args(parser):
@@ -438,6 +466,8 @@ def add_shared_args(parser):
     add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
     add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn",
         help="images: ResNet encoder + gated PixelCNN decoder, or Burda et al.'s MLPs")
+    add("--oracle", action="store_true",
+        help="fix the decoder to the data's true generator (synthetic_oracle): only inference is learned")
     add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
     add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
     add("--patience", type=int, help="halve the lr after this many epochs without a better validation -ELBO")
@@ -449,6 +479,9 @@ def add_shared_args(parser):
     add("--resume", action="store_true", help="continue from SAVE_DIR/model.pt")
     add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
+    add("--gaps", type=int, default=0, metavar="N",
+        help="after testing, the amortization and approximation gaps (Cremer et al. 2018) on the first N test "
+             "examples (0: off); log p(x) on a grid when latent_dim <= 2")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
     add("--plot_posterior", type=int, default=0, metavar="N",
         help="every N training steps (and at step 0) save the posterior-mean-space picture of "
@@ -465,7 +498,7 @@ def parse_args(parser, method):
             fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts)")
         saved = load_checkpoint(args.checkpoint, "cpu")["args"]
         for key in MODEL_KEYS:                       # the model's shape comes from the checkpoint
-            setattr(args, key, saved[key])
+            setattr(args, key, saved.get(key, getattr(args, key)))
     preset = {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
@@ -477,13 +510,20 @@ def parse_args(parser, method):
     args.device = torch.device("cuda" if args.cuda else "cpu")
     if args.latent_dim < 0 or args.batch_size < 1 or args.iw_samples < 1:
         fail("--latent_dim must be >= 0, --batch_size and --iw_samples >= 1")
+    if args.gaps < 0 or (args.gaps and args.latent_dim == 0 and not args.oracle):
+        fail("--gaps N needs N >= 0 and a latent (--latent_dim > 0)")
+    if args.oracle and method == "svi" and args.epochs and not args.eval_only:
+        fail("svi.py learns only the decoder, which --oracle fixes to the true generator: nothing to train; "
+             "add --epochs 0 to score SVI's inference with the true generator")
     torch.manual_seed(args.seed)
     print(f"{method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     return args
 
 
 def make_optimizer(params, args):
-    params = list(params)
+    """SGD or Adam over the parameters that require gradients (never --oracle's frozen generator). With none
+    (svi.py --oracle), an empty parameter group keeps the lr schedule and the checkpoints working."""
+    params = [p for p in params if p.requires_grad] or [{"params": []}]
     if args.optimizer == "adam":
         return torch.optim.Adam(params, lr=args.lr)
     return torch.optim.SGD(params, lr=args.lr)
@@ -599,12 +639,14 @@ class Meter:
 
     def __init__(self, args, epoch):
         self.args, self.epoch, self.start = args, epoch, time.time()
+        self.end = self.start                      # time of the last training step: train_seconds excludes validation
         self.sums, self.examples, self.steps = torch.zeros(2, device=args.device), 0, 0
 
     def add(self, rec, kl, kl_weight):
         self.sums += torch.stack([rec.sum(), kl.sum()])
         self.examples += rec.shape[0]
         self.steps += 1
+        self.end = time.time()
         if self.steps % self.args.print_every == 0:
             r = self.result()
             print(f"epoch {self.epoch} step {self.steps}: -elbo {r['neg_elbo']:.3f} rec {r['rec']:.3f} "
@@ -624,7 +666,7 @@ def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **ex
     Returns True when training should stop (5 lr decays)."""
     train = meter.result()
     state["epoch"] = epoch
-    state["train_seconds"] += time.time() - meter.start
+    state["train_seconds"] += meter.end - meter.start
     best = schedule(state, val["neg_elbo"], optimizers, args.patience)
     current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                for name, m in modules.items()}
@@ -658,10 +700,134 @@ def final_test(args, state, infer, decoder, dataset, modules):
     test = evaluate(infer, decoder, dataset.batches("test", args.batch_size), args.iw_samples)
     metrics = {"method": args.method, "dataset": args.dataset, **test,
                "train_seconds": state["train_seconds"]}
+    if args.gaps:                                  # an extra key; the others stay as they are
+        metrics["gaps"] = gaps(infer, decoder, dataset.batches("test", args.batch_size), args.gaps,
+                               args.latent_dim, args.iw_samples, args.seed)
     with open(os.path.join(args.save_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print("test: " + json.dumps(metrics), flush=True)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The true log p(x) of a model with d <= 2 on a grid (Kim et al. 2018, Sec. 5.1), and the amortization and
+# approximation gaps of any trained model (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in VAEs"):
+#   log p(x) - ELBO(q_method) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_method)]
+#                             =  approximation gap    +    amortization gap
+# q* is the best Gaussian q for this x alone, found by optimising x's own (mean, logvar) from q_method.
+
+GRID_RADIUS, GRID_STEP = 5.0, 0.2          # z in [-5, 5]^d: prior mass outside is about 1e-6 per axis
+GAP_STEPS, GAP_SAMPLES, GAP_LR = 200, 8, 0.05      # from a VAE's q: 200 steps within 0.003 nats of 400
+
+
+@torch.no_grad()
+def grid_log_px(decoder, x, latent_dim, radius=GRID_RADIUS, step=GRID_STEP):
+    """log p(x) for d = 1 or 2 by a Riemann sum over the grid {-radius, ..., radius}^d with spacing `step`:
+        log p(x) = logsumexp_g [log p(x|z_g) + log p(z_g)] + d log(step).
+    For a smooth posterior the error falls faster than exponentially in (posterior sd / step)^2, so the same
+    sum over every other point (spacing 2 step) is returned too: where the two agree, the grid is fine enough.
+    Returns (log_px, log_px_coarse), each [batch]."""
+    if latent_dim not in (1, 2):
+        fail(f"the grid integrates over d = 1 or 2 latent dimensions, not {latent_dim}")
+    n = int(round(2 * radius / step)) + 1
+    step = 2 * radius / (n - 1)
+    axis = torch.linspace(-radius, radius, n, device=x.device)
+    grid = torch.cartesian_prod(*[axis] * latent_dim).view(-1, latent_dim)        # [n^d, d]
+    z = grid.expand(x.shape[0], -1, -1)
+    log_joint = log_prob_chunked(decoder, x, z) + log_prior(z)                    # [batch, n^d]
+    log_px = torch.logsumexp(log_joint, 1) + latent_dim * math.log(step)
+    every_other = log_joint.view(-1, *[n] * latent_dim)[(slice(None),) + (slice(None, None, 2),) * latent_dim]
+    log_px_coarse = torch.logsumexp(every_other.reshape(x.shape[0], -1), 1) + latent_dim * math.log(2 * step)
+    return log_px, log_px_coarse
+
+
+def optimal_q(decoder, x, mean, logvar, generator, steps=GAP_STEPS, samples=GAP_SAMPLES, lr=GAP_LR):
+    """q* = argmax over (mean, logvar) of ELBO(x; mean, logvar), from the given start: Adam, `samples` fresh
+    samples per step, lr decaying linearly to 0 over a fixed budget of `steps` steps (no stopping rule: the
+    objective is noisy). The objective is the SUM of the examples' -ELBOs and Adam acts elementwise, so each
+    example is optimised on its own. Returns mean*, logvar* and, per example, how much the -ELBO still fell
+    between the second-last and the last tenth of the steps (near 0 once converged)."""
+    lam = [mean.detach().clone().requires_grad_(), logvar.detach().clone().requires_grad_()]
+    optimizer = torch.optim.Adam(lam, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / steps)
+    trace = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            z = reparameterize(*lam, samples, generator)
+            f = -decoder.log_prob(x, z).mean(1) + kl_normal(*lam)                  # -ELBO_i: [batch]
+            for t, g in zip(lam, torch.autograd.grad(f.sum(), lam)):              # no .grad into the decoder
+                t.grad = g
+            optimizer.step()
+            schedule.step()
+            trace.append(f.detach())
+    tenth = max(1, steps // 10)
+    trace = torch.stack(trace)                                                     # [steps, batch]
+    still_falling = trace[-2 * tenth:-tenth].mean(0) - trace[-tenth:].mean(0)
+    return lam[0].detach(), lam[1].detach(), still_falling
+
+
+@torch.no_grad()
+def gap_estimates(decoder, x, q_method, q_opt, samples, generator):
+    """ELBO(q_method) and ELBO(q*) per example, each E_q[log p(x|z)] from `samples` samples (the same eps for
+    both: their difference is then nearly free of noise) minus the KL in closed form; and the importance-
+    weighted log p(x) with q* as proposal (Burda et al. 2016; a lower bound in expectation)."""
+    eps = torch.randn((x.shape[0], samples, q_opt[0].shape[1]), generator=generator, device=x.device)
+    elbos = []
+    for mean, logvar in (q_method, q_opt):
+        z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+        log_px_z = log_prob_chunked(decoder, x, z)
+        elbos.append(log_px_z.mean(1) - kl_normal(mean, logvar))
+    log_w = log_px_z + log_prior(z) - log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1))    # q* samples
+    return elbos[0], elbos[1], torch.logsumexp(log_w, 1) - math.log(samples)
+
+
+def gaps(infer, decoder, batches, count, latent_dim, samples, seed):
+    """--gaps: the gaps of a trained model on the first `count` examples of `batches`, starting from the
+    method's own q = infer(x). log p(x) on the grid when latent_dim <= 2, else importance-weighted with q*
+    and `samples` samples. All in nats per example (means over examples, with standard errors)."""
+    start, was_training = time.time(), decoder.training
+    decoder.eval()
+    rows, seen, generator = [], 0, None
+    for x in batches:
+        if seen >= count:
+            break
+        x = x[:count - seen]
+        if generator is None:                      # a local stream: the global one is left as it was
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+        with torch.no_grad():
+            q_method = [t.detach() for t in infer(x)]
+        *q_opt, still_falling = optimal_q(decoder, x, *q_method, generator)
+        elbo_method, elbo_opt, log_px = gap_estimates(decoder, x, q_method, q_opt, samples, generator)
+        coarse = torch.full_like(log_px, math.nan)
+        if latent_dim <= 2:
+            log_px, coarse = grid_log_px(decoder, x, latent_dim)
+        rows.append(torch.stack([elbo_method, elbo_opt, log_px, coarse, still_falling], 1))
+        seen += x.shape[0]
+    decoder.train(was_training)
+    elbo_method, elbo_opt, log_px, coarse, still_falling = torch.cat(rows).T.cpu()
+    n = len(log_px)
+
+    def mean_se(t):
+        return round(t.mean().item(), 4), round((t.std() / math.sqrt(n)).item() if n > 1 else math.nan, 4)
+
+    amortization, approximation = elbo_opt - elbo_method, log_px - elbo_opt
+    result = {"examples": n, "elbo_method": mean_se(elbo_method)[0], "elbo_opt": mean_se(elbo_opt)[0],
+              "log_px": mean_se(log_px)[0], "log_px_by": "grid" if latent_dim <= 2 else "iw",
+              "amortization_gap": mean_se(amortization)[0], "amortization_gap_se": mean_se(amortization)[1],
+              "approximation_gap": mean_se(approximation)[0], "approximation_gap_se": mean_se(approximation)[1],
+              "estimate_samples": samples,
+              "opt": {"steps": GAP_STEPS, "samples": GAP_SAMPLES, "lr": GAP_LR,
+                      "still_falling": mean_se(still_falling)[0]},
+              "seconds": round(time.time() - start, 1)}
+    if latent_dim <= 2:     # how much log p(x) moves when the spacing doubles (the error at `step` is far smaller)
+        change = (log_px - coarse).abs()
+        result["grid"] = {"radius": GRID_RADIUS, "step": GRID_STEP, "mean_change_at_double_step": round(change.mean().item(), 6),
+                          "max_change_at_double_step": round(change.max().item(), 6)}
+    print(f"gaps on {n} test examples: amortization {result['amortization_gap']:.3f} "
+          f"(se {result['amortization_gap_se']:.3f}), approximation {result['approximation_gap']:.3f} "
+          f"(se {result['approximation_gap_se']:.3f}), log p(x) {result['log_px']:.3f} ({result['log_px_by']}), "
+          f"{result['seconds']:.0f}s", flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,12 +892,30 @@ def draw_posterior(points, path):
 
 # ----------------------------------------------------------------------------------------------
 # SVI refinement (svi.py, savae.py)
-# lambda = (mean, logvar) takes K steps of SGD with momentum on f = -ELBO with the decoder fixed, and
-# savae.py backpropagates through them: Kim et al. 2018, Algorithm 2, forward and backward loops.
-# Per example: f is the SUM of the sentences' -ELBOs, so row i of grad_lambda f is sentence i's own
-# gradient, and clipping acts row by row; no sentence's steps depend on the batch size or the other
-# sentences. (Kim et al.'s f was the batch MEAN: their step on a sentence was lr / B, and their clip
-# acted on the whole batch. --svi_lr a here is their lr a * B at batch size B.)
+# Kim et al. 2018, Algorithm 2 (f = -ELBO with the current KL weight, alpha = --svi_lr, gamma = --momentum;
+# the labels are ours):
+#   forward   lambda_0 = enc(x), v_0 = 0; for k = 0 .. K-1:
+#     (F1)      v_{k+1} = gamma v_k - grad_lambda f(lambda_k)        (here: the gradient clipped, see below)
+#     (F2)      lambda_{k+1} = lambda_k + alpha v_{k+1}
+#             L = f(lambda_K), lambda-bar_K = grad_lambda L, theta-bar = grad_theta L
+#   backward  v-bar_K = 0; for k = K-1 .. 0:
+#     (B1)      v-bar_{k+1} = v-bar_{k+1} + alpha lambda-bar_{k+1}
+#     (B2)      lambda-bar_k = lambda-bar_{k+1} - H_{lambda,lambda} f(lambda_k) v-bar_{k+1}
+#     (B3)      theta-bar = theta-bar - H_{theta,lambda} f(lambda_k) v-bar_{k+1}
+#     (B4)      v-bar_k = gamma v-bar_{k+1}
+#             dL/dtheta = theta-bar, dL/dphi = (d lambda_0 / d phi)^T lambda-bar_0
+# Per example: the f of the steps is the SUM of the sentences' -ELBOs, so row i of grad_lambda f is
+# sentence i's own gradient, and clipping (mean and logvar separately) acts row by row: no sentence's steps
+# depend on the batch size or on the other sentences. Kim et al.'s f was the batch MEAN, so their step on a
+# sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
+
+import contextlib  # noqa: E402 (used only in this section)
+
+
+def trainable(module):
+    """The parameters that get gradients (not those of --oracle's frozen generator)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
 
 def svi_generator(device):
     """A local generator for one batch's SVI steps, seeded from the global CPU RNG (read, never reseeded):
@@ -740,45 +924,44 @@ def svi_generator(device):
 
 
 def svi_objective(decoder, x, mean, logvar, kl_weight, generator):
-    """f_i = -ELBO of each sentence with one sample, KL weighted as in training: [batch].
-    eps, then the dropout masks, come from `generator`: restoring its state replays the step exactly."""
+    """f_i = -ELBO of each example with one sample, KL weighted as in training: [batch]. eps, then the
+    dropout masks, come from `generator`, so restoring its state replays the evaluation exactly."""
     z = reparameterize(mean, logvar, 1, generator)
     return -decoder.log_prob(x, z, generator)[:, 0] + kl_weight * kl_normal(mean, logvar)
 
 
 def clip_rows(g, max_norm):
-    """Each row g_i scaled to norm at most max_norm (0: off)."""
+    """Each row of g scaled to norm at most max_norm (0: off)."""
     if max_norm <= 0:
         return g
     return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
 
 
-def clip_rows_jvp(g, v, max_norm):
-    """J v, J the Jacobian of clip_rows at g. J is symmetric, so this is also v^T J (backprop through
-    the clip): identity for rows within max_norm, (max_norm / |g|) (v - g^ (g^ . v)) for clipped rows."""
+def clip_rows_vjp(g, v, max_norm):
+    """v backpropagated through clip_rows at g. Its Jacobian is symmetric: the identity for rows within
+    max_norm, (max_norm / |g|) (I - n n^T) with n = g / |g| for clipped rows."""
     if max_norm <= 0:
         return v
     norm = g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    unit = g / norm
-    projected = (max_norm / norm) * (v - unit * (unit * v).sum(-1, keepdim=True))
-    return torch.where(norm > max_norm, projected, v)
+    n = g / norm
+    return torch.where(norm > max_norm, (max_norm / norm) * (v - n * (n * v).sum(-1, keepdim=True)), v)
 
 
 def svi_steps(decoder, x, mean, logvar, kl_weight, args, record=None):
-    """K = args.svi_steps steps from lambda_0 = (mean, logvar) with the decoder fixed (Alg. 2, forward loop):
-        v_{k+1} = momentum * v_k - clip(grad_lambda f(lambda_k)),   lambda_{k+1} = lambda_k + svi_lr * v_{k+1}
-    mean and logvar gradients clipped separately, per sentence, to norm args.svi_clip.
-    Returns (mean_K, logvar_K, trace), detached. With record "exact" or "finite_diff", trace keeps what
-    svi_backward needs: each step's lambda_k, gradient and generator state (and, for finite_diff, the sum
-    over k of grad_theta f(lambda_k)); otherwise nothing is kept. Enables gradients itself (evaluate's no_grad)."""
-    generator = svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps: savae == vae
-    params = list(decoder.parameters()) if record == "finite_diff" else []
+    """The forward loop: K = args.svi_steps steps (F1, F2) from lambda_0 = (mean, logvar), decoder fixed,
+    each step's gradient clipped per example (mean and logvar separately) to norm args.svi_clip.
+    Returns (mean_K, logvar_K, trace), detached. record "exact" or "finite_diff" keeps in trace what
+    svi_backward needs: each lambda_k, its gradient and the generator state before the step (and, for
+    finite_diff, sum_k grad_theta f(lambda_k)). Gradients are enabled here: evaluate() runs under no_grad."""
+    generator = svi_generator(x.device) if args.svi_steps else None      # none drawn for 0 steps: savae == vae
+    params = trainable(decoder) if record == "finite_diff" else []
     trace = {"mode": record, "decoder": decoder, "x": x, "kl_weight": kl_weight, "generator": generator,
-             "lam": [], "grad": [], "rng": [],
-             "theta_sum": [torch.zeros_like(p, dtype=torch.float64) for p in params]}
+             "lam": [], "grad": [], "rng": [], "theta_sum": [torch.zeros_like(p, dtype=torch.float64) for p in params]}
     lam = [mean.detach(), logvar.detach()]
-    velocity = [torch.zeros_like(t) for t in lam]                                     # v_0 = 0
-    with torch.enable_grad():
+    velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
+    # cuDNN's LSTM has no backward in eval mode (evaluation): there the native LSTM runs instead
+    no_cudnn = torch.backends.cudnn.flags(enabled=False) if not decoder.training else contextlib.nullcontext()
+    with torch.enable_grad(), no_cudnn:
         for _ in range(args.svi_steps):
             lam = [t.requires_grad_() for t in lam]
             rng = generator.get_state()
@@ -789,61 +972,63 @@ def svi_steps(decoder, x, mean, logvar, kl_weight, args, record=None):
                 trace["grad"].append(grads[:2])
                 trace["rng"].append(rng)
                 for total, g in zip(trace["theta_sum"], grads[2:]):
-                    total.add_(g.double())             # float64: differences of these sums are divided by 1e-5
-            velocity = [args.momentum * v - clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]
-            lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]
+                    total.add_(g)                     # in float64: svi_backward divides a difference of sums by r
+            velocity = [args.momentum * v - clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]  # (F1)
+            lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]                             # (F2)
     return lam[0].detach(), lam[1].detach(), trace
 
 
 def svi_hessian_vector(trace, k, u, fd_step):
-    """(H_{lambda,lambda} u, H_{theta,lambda} u) of f at lambda_k, with step k's eps and dropout masks.
-    fd_step None: exact, by double backward (cuDNN LSTMs have none, so cuDNN is off here).
-    fd_step s: one-sided finite differences (grad f(lambda_k + s u) - grad f(lambda_k)) / s, as in Kim et
-    al.'s code; the theta half returns grad_theta f(lambda_k + s u) / s only: the -grad_theta f(lambda_k) / s
-    terms were summed during the forward steps (trace["theta_sum"]), which saves a gradient per step."""
+    """(H_{lambda,lambda} u, H_{theta,lambda} u) of f at lambda_k, replaying step k's eps and dropout masks.
+    fd_step None: exact, by double backward (cuDNN's LSTM has none: cuDNN is off here).
+    fd_step r: one-sided finite differences (grad f(lambda_k + r u) - grad f(lambda_k)) / r, as Kim et al.;
+    for theta it returns grad_theta f(lambda_k + r u) alone, see svi_backward."""
     decoder, x, generator = trace["decoder"], trace["x"], trace["generator"]
-    params = list(decoder.parameters())
-    lam_k = trace["lam"][k]
+    params = trainable(decoder)
     generator.set_state(trace["rng"][k])
     if fd_step is None:
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
-            lam = [t.clone().requires_grad_() for t in lam_k]
+            lam = [t.clone().requires_grad_() for t in trace["lam"][k]]
             f = svi_objective(decoder, x, *lam, trace["kl_weight"], generator).sum()
             grads = torch.autograd.grad(f, lam, create_graph=True)
             hv = torch.autograd.grad(grads, lam + params, grad_outputs=u, allow_unused=True)
-        hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, lam + params)]
+        hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, lam + params)]
         return hv[:2], hv[2:]
     with torch.enable_grad():
-        lam = [(t + fd_step * v).requires_grad_() for t, v in zip(lam_k, u)]
+        lam = [(t + fd_step * v).requires_grad_() for t, v in zip(trace["lam"][k], u)]
         f = svi_objective(decoder, x, *lam, trace["kl_weight"], generator).sum()
         grads = torch.autograd.grad(f, lam + params)
-        return ([(g1 - g0) / fd_step for g1, g0 in zip(grads[:2], trace["grad"][k])],
-                [g / fd_step for g in grads[2:]])
+    return [(g - g0) / fd_step for g, g0 in zip(grads[:2], trace["grad"][k])], grads[2:]
 
 
 def svi_backward(trace, grad_mean, grad_logvar, args, fd_step=1e-5):
-    """Kim et al. 2018, Algorithm 2, backward loop. grad_mean, grad_logvar: lambda-bar_K = dL/dlambda_K of the
-    batch-mean loss L = mean_i f_i(lambda_K). Adds the terms through the K steps, -sum_k H_{theta,lambda} v-bar_{k+1},
-    to the decoder's .grad (which holds the direct term grad_theta L) and returns lambda-bar_0 = dL/dlambda_0.
-    L's gradients are 1/B of each sentence's own, so the finite-difference step (fd_step, r = 1e-5 in the paper)
-    is taken as r * B and the intermediate clip as svi_clip / B: both act per sentence, as in the forward steps."""
+    """The backward loop (B1-B4) through the steps recorded in trace. grad_mean, grad_logvar: lambda-bar_K,
+    the gradient of the batch-mean loss L = mean_i f_i(lambda_K). Adds sum_k -H_{theta,lambda} v-bar_{k+1}
+    (B3) to the decoder's .grad, which holds the direct term grad_theta L, and returns lambda-bar_0 for the
+    encoder. lambda-bar is 1/B of each example's own adjoint, so the finite-difference step r (1e-5, as Kim
+    et al.) is taken as r * B and the intermediate clip as svi_clip / B: both act per example.
+    With finite differences (B3) is summed over the steps before dividing by r:
+        sum_k H_{theta,lambda} u_k ~ (sum_k grad_theta f(lambda_k + r u_k) - sum_k grad_theta f(lambda_k)) / r,
+    the second sum collected in the forward loop (trace["theta_sum"], float64; used up here). That saves a
+    decoder gradient per step and K copies of the decoder's gradient."""
     batch, fd = trace["x"].shape[0], trace["mode"] == "finite_diff"
     step = fd_step * batch if fd else None
-    params = list(trace["decoder"].parameters())
-    lam_bar = [grad_mean, grad_logvar]                                            # lambda-bar_K
-    v_bar = [torch.zeros_like(t) for t in lam_bar]                                # v-bar_K = 0
-    theta_bar = [t / step for t in trace["theta_sum"]] if fd else [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    params = trainable(trace["decoder"])
+    lam_bar = [grad_mean, grad_logvar]
+    v_bar = [torch.zeros_like(t) for t in lam_bar]                                        # v-bar_K = 0
+    theta_bar = trace["theta_sum"] if fd else [torch.zeros_like(p) for p in params]
     for k in reversed(range(len(trace["lam"]))):
-        v_bar = [v + args.svi_lr * l for v, l in zip(v_bar, lam_bar)]             # v-bar_{k+1} += alpha lambda-bar_{k+1}
-        # the step used clip(grad f(lambda_k)): backprop through the clip (J v-bar) before the Hessian
-        u = [clip_rows_jvp(g, v, args.svi_clip) for g, v in zip(trace["grad"][k], v_bar)]
+        v_bar = [v + args.svi_lr * l for v, l in zip(v_bar, lam_bar)]                     # (B1)
+        # (F1) used clip(grad f(lambda_k)): the adjoint passes through the clip before the Hessian
+        u = [clip_rows_vjp(g, v, args.svi_clip) for g, v in zip(trace["grad"][k], v_bar)]
         h_lam, h_theta = svi_hessian_vector(trace, k, u, step)
-        lam_bar = [l - h for l, h in zip(lam_bar, h_lam)]                         # lambda-bar_k = lambda-bar_{k+1} - H_{lambda,lambda} v-bar_{k+1}
+        lam_bar = [l - h for l, h in zip(lam_bar, h_lam)]                                 # (B2)
         for total, h in zip(theta_bar, h_theta):
-            total.sub_(h.double())                                                # theta-bar -= H_{theta,lambda} v-bar_{k+1}
-        if fd:   # Kim et al.'s code clips the intermediate gradients: finite differences can blow up
+            total.sub_(h)                                                                 # (B3)
+        if fd:   # as Kim et al.'s code: clip the intermediate adjoints, finite differences can blow up
             lam_bar = [clip_rows(l, args.svi_clip / batch) for l in lam_bar]
-        v_bar = [args.momentum * v for v in v_bar]                                # v-bar_k = momentum * v-bar_{k+1}
+        v_bar = [args.momentum * v for v in v_bar]                                        # (B4)
     for p, total in zip(params, theta_bar):
-        p.grad = total.to(p.dtype) if p.grad is None else p.grad + total.to(p.dtype)
+        total = (total.div_(step) if fd else total).to(p.dtype)
+        p.grad = total if p.grad is None else p.grad.add_(total)
     return lam_bar

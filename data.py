@@ -1,5 +1,6 @@
 """Datasets and batching: He et al.'s synthetic text (built in memory from a seed), text corpora
-(Yahoo, Yelp, PTB, or any folder of one-sentence-per-line files), Omniglot and synthetic binary images.
+(Yahoo, Yelp, PTB, or any folder of one-sentence-per-line files), Omniglot and synthetic binary images,
+and Kim et al.'s synthetic text from an oracle generator that is kept (synthetic_oracle, at the end).
 
 A sentence is stored as [<s>, w_1, ..., w_n, </s>]. Batches hold sentences of equal length, so there
 is no padding; every sentence is used exactly once per epoch and the batch order is shuffled from
@@ -175,6 +176,8 @@ def load(args):
         return load_synthetic(args)
     if args.dataset == "synthetic_images":
         return load_synthetic_images(args)
+    if args.dataset == "synthetic_oracle":
+        return load_synthetic_oracle(args)
     if not os.path.isdir(args.data_dir):
         fail(f"data folder {args.data_dir} does not exist; --dataset {args.dataset} needs "
              f"{SOURCES[args.dataset]} there (or pass --data_dir)")
@@ -272,3 +275,68 @@ def load_synthetic_images(args):
     images = synthetic_images()
     return image_data(args, {"train": images[:1000], "valid": images[1000:1100], "test": images[1100:]},
                       "synthetic binary images")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kim et al. 2018, Sec. 5.1: text drawn from an oracle generator whose parameters are kept, so that
+# log p(x|z) of the data is known exactly (the --oracle flag trains inference against it, and the grid
+# in common.py gives the true log p(x)). Sentences are [<s>, w_1, ..., w_5] with no </s>: the generator
+# emits exactly five words, so generator.log_prob(x, z) is exactly the log p(x|z) the data was drawn from.
+
+ORACLE_SPLITS = {"train": 5000, "valid": 500, "test": 500}     # Kim et al.: 5000 training sequences
+ORACLE_LENGTH, ORACLE_WORDS = 5, 1000
+
+
+def oracle_generator(seed=20180710, words=ORACLE_WORDS, emb_dim=100, hidden_dim=100, z_scale=8.0):
+    """z in R^2 ~ N(0, I); h_t = LSTM(h_{t-1}, x_t) with 100 units and 100-dim embeddings; x_{t+1} ~
+    softmax(W h_t + U z + b): z enters only at the output, so the LSTM state does not depend on it.
+    (Kim et al. used an MLP on [h_t, z]; a linear map keeps the generator a common.LSTMDecoder.)
+    It is an LSTMDecoder whose z -> input and z -> initial-state weights are zero; LSTM and output weights
+    uniform(-1, 1), U uniform(-z_scale, z_scale): large, so that z matters (measured on the grid: the true
+    posterior is 2.8 nats from the prior on average, 2.1 to 4.0, with sd 0.3 per axis; -log p(x) is about 18).
+    The special tokens get a bias of -1e4 and no z weight: they never occur.
+    Returns the frozen generator (eval mode, requires_grad False) and the generator of random numbers."""
+    g = torch.Generator().manual_seed(seed)
+    gen = LSTMDecoder(len(SPECIALS) + words, emb_dim, hidden_dim, latent_dim=2, z_to_output=True).eval()
+    with torch.no_grad():
+        for p in gen.parameters():
+            nn.init.uniform_(p, -1.0, 1.0, generator=g)
+        nn.init.uniform_(gen.z_out.weight, -z_scale, z_scale, generator=g)
+        gen.lstm.weight_ih_l0[:, emb_dim:] = 0          # z is not joined to the input embeddings
+        gen.init_state.weight.zero_()                   # h_0 = c_0 = 0 whatever z is
+        gen.init_state.bias.zero_()
+        gen.out.bias[:len(SPECIALS)] = -1e4             # <s>, </s>, <unk>: probability exp(-1e4) = 0
+        gen.z_out.weight[:len(SPECIALS)] = 0
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    return gen, g
+
+
+def oracle_sentences(seed=20180710):
+    """Every split's sentences [count, 1 + 5] (ids) and their z [count, 2], drawn from oracle_generator:
+    z ~ N(0, I), then five words sampled after <s>. Returns (generator, {split: (sentences, z)})."""
+    gen, g = oracle_generator(seed)
+    splits = {}
+    for split, count in ORACLE_SPLITS.items():
+        z = torch.randn(count, 2, generator=g)
+        first = torch.full((count,), BOS)
+        words = gen.sample(z, first, ORACLE_LENGTH, generator=g)
+        if words.min() < len(SPECIALS):                 # impossible by construction; the seed is fixed
+            raise RuntimeError("the oracle generator emitted a special token")
+        splits[split] = (torch.cat([first.unsqueeze(1), words], 1), z)
+    return gen, splits
+
+
+def load_synthetic_oracle(args):
+    gen, splits = oracle_sentences()
+    if args.train_size:
+        splits["train"] = tuple(t[:args.train_size] for t in splits["train"])
+    vocab = SPECIALS + [f"w{i}" for i in range(ORACLE_WORDS)]
+    sizes = "/".join(str(len(splits[s][0])) for s in ORACLE_SPLITS)
+    print(f"data: Kim et al. synthetic (oracle generator, z in R^2), {sizes} sentences of "
+          f"{ORACLE_LENGTH} words, vocabulary {len(vocab)}", flush=True)
+    dataset = TextData({split: s.tolist() for split, (s, _) in splits.items()}, vocab, args.seed, args.device)
+    dataset.true_decoder = gen.to(args.device)          # --oracle: the decoder; also scores the data exactly
+    # each sentence's z, row for row with by_length[split][6] (one length only, so the order is kept)
+    dataset.true_z = {split: z.to(args.device) for split, (_, z) in splits.items()}
+    return dataset

@@ -16,8 +16,10 @@ TINY_TEXT = ["--emb_dim", "8", "--hidden_dim", "8", "--latent_dim", "2", "--batc
 
 def run_script(script, *args, check=True):
     """Run a method script through its command line; returns the CompletedProcess."""
+    # one thread: these runs are tiny, and extra threads only add contention
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -1,0 +1,75 @@
+"""Stochastic variational inference: no encoder. For each batch, lambda = (mean, logvar) starts at zero
+and takes --svi_steps steps of SGD with momentum on the -ELBO with the decoder fixed; then the decoder
+takes one step on the -ELBO at the refined lambda (held constant). Evaluation refines the same way, from zero.
+
+Hoffman, Blei, Wang & Paisley, "Stochastic Variational Inference", JMLR 2013, as run by Kim et al.,
+"Semi-Amortized Variational Autoencoders", ICML 2018 (the SVI rows of their tables; SVI steps as in their Alg. 2).
+Reproduce: python svi.py --dataset yahoo --cuda                 (SVI, 20 steps, with annealing)
+           python svi.py --dataset yahoo --svi_steps 40 --cuda  (or 10: the other SVI rows)
+Per-example steps: each sentence's step uses its own -ELBO and its own clipping, so it does not depend on
+the batch. Kim et al. took steps on the batch MEAN (lr 1 at batch 32), i.e. lr 1/32 per sentence: the
+default --svi_lr 0.03125 (= 1/32) is their setting; their clip acted on the whole batch, ours per sentence.
+"""
+import argparse
+
+import torch
+
+import common
+import data
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+common.add_shared_args(parser)
+method = parser.add_argument_group("method")
+method.add_argument("--svi_steps", type=int, default=20, help="K: SVI steps per batch (Kim et al.: 10, 20, 40)")
+method.add_argument("--svi_lr", type=float, default=1 / 32,
+                    help="SVI step size on each sentence's own -ELBO (Kim et al.'s lr 1 on a mean over 32 sentences)")
+method.add_argument("--momentum", type=float, default=0.5, help="momentum of the SVI steps")
+method.add_argument("--svi_clip", type=float, default=5.0,
+                    help="clip each sentence's mean and logvar gradients (separately) to this norm (0: off)")
+args = common.parse_args(parser, "svi")
+if args.latent_dim < 1 or args.svi_steps < 0:
+    common.fail("svi.py needs --latent_dim >= 1 and --svi_steps >= 0")
+
+dataset = data.load(args)
+_, decoder = common.build_model(args, dataset)      # no encoder (built anyway: same decoder init as vae.py)
+modules = {"decoder": decoder}
+optimizer = common.make_optimizer(decoder.parameters(), args)
+optimizers = {"optimizer": optimizer}
+
+
+def infer(x, kl_weight=1.0):
+    """q(z|x) from K SVI steps starting at lambda_0 = 0, i.e. q = p(z) (Kim et al.'s training start;
+    their evaluation started at 0.1 * randn). Enables gradients itself (evaluate runs under no_grad)."""
+    zeros = torch.zeros(x.shape[0], args.latent_dim, device=x.device)
+    mean, logvar, _ = common.svi_steps(decoder, x, zeros, zeros, kl_weight, args)
+    return mean, logvar
+
+
+def train_step(x, kl_weight):
+    mean, logvar = infer(x, kl_weight)                       # lambda_K, a constant for the decoder step
+    z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
+    rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
+    kl = common.kl_normal(mean, logvar)                      # closed form
+    loss = (rec + kl_weight * kl).mean()                     # -ELBO at lambda_K, KL weighted while annealing
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    common.clip_grad(modules.values(), args.clip)
+    optimizer.step()
+    return rec.detach(), kl.detach()
+
+
+state = common.start(args, dataset, modules, optimizers)
+for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+    decoder.train()
+    meter = common.Meter(args, epoch)
+    for x in dataset.batches("train", args.batch_size, shuffle=True):
+        common.plot_posterior(args, state["step"], infer, decoder, dataset)
+        kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
+        rec, kl = train_step(x, kl_weight)
+        state["step"] += 1
+        meter.add(rec, kl, kl_weight)
+    decoder.eval()
+    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers):
+        break
+common.final_test(args, state, infer, decoder, dataset, modules)
