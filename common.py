@@ -5,11 +5,10 @@ Interfaces (DESIGN.md):
   decoder.log_prob(x, z) -> [batch, n] for z [batch, n, d]: log p(x|z) summed over tokens or pixels.
 Nothing here knows which method is training; the objectives live in the method scripts.
 """
-import argparse
+import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -751,7 +750,8 @@ def optimal_q(decoder, x, mean, logvar, generator, steps=GAP_STEPS, samples=GAP_
     optimizer = torch.optim.Adam(lam, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / steps)
     trace = []
-    with torch.enable_grad():
+    # cuDNN's LSTM has no backward in eval mode: the native LSTM runs here
+    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
         for _ in range(steps):
             z = reparameterize(*lam, samples, generator)
             f = -decoder.log_prob(x, z).mean(1) + kl_normal(*lam)                  # -ELBO_i: [batch]
@@ -908,9 +908,6 @@ def draw_posterior(points, path):
 # sentence i's own gradient, and clipping (mean and logvar separately) acts row by row: no sentence's steps
 # depend on the batch size or on the other sentences. Kim et al.'s f was the batch MEAN, so their step on a
 # sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
-
-import contextlib  # noqa: E402 (used only in this section)
-
 
 def trainable(module):
     """The parameters that get gradients (not those of --oracle's frozen generator)."""

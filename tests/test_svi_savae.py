@@ -16,7 +16,7 @@ import torch
 import torch.distributions as D
 
 import common
-from conftest import ROOT, TINY, TINY_TEXT, read_metrics, run_script
+from conftest import ROOT, TINY, TINY_TEXT, read_metrics
 
 
 @pytest.fixture(autouse=True)
