@@ -29,8 +29,8 @@ def sync(device):
 def bench(size, device, train_steps, eval_sentences, iw_samples):
     s = SIZES[size]
     args = types.SimpleNamespace(latent_dim=s["latent_dim"], emb_dim=s["emb_dim"], hidden_dim=s["hidden_dim"],
-                                 dropout=0.5, device=device)
-    encoder, decoder = common.build_model(args, types.SimpleNamespace(vocab_size=s["vocab"]))
+                                 dropout=0.5, device=device, image_net="pixelcnn", oracle=False)
+    encoder, decoder = common.build_model(args, types.SimpleNamespace(kind="text", vocab_size=s["vocab"]))
     optimizer = torch.optim.SGD([*encoder.parameters(), *decoder.parameters()], lr=1.0)
     x = torch.randint(3, s["vocab"], (s["batch"], s["length"] + 2), device=device)
 
