@@ -1,0 +1,111 @@
+"""Aggressive inference-network training: the VAE's model and ELBO, but while aggressive, each batch
+first gets encoder-only steps on fresh minibatches until their loss stops falling, then one
+decoder-only step; aggressive mode ends after the first epoch whose validation MI stops climbing.
+
+He, Spokoyny, Neubig, Berg-Kirkpatrick, "Lagging Inference Networks and Posterior Collapse in
+Variational Autoencoders", ICLR 2019 (Algorithm 1, Sec. 3).
+Reproduce: python lagging.py                                   (synthetic, d = 1; Fig. 2 with --plot_posterior;
+                                                             the paper's no-collapse finding is not yet reproduced here: README)
+           python lagging.py --dataset yahoo --kl_start 1 --cuda (standard ELBO; He et al. Table 1)
+           python lagging.py --aggressive 0                      (exactly vae.py)
+"""
+import argparse
+import math
+
+import common
+import data
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+common.add_shared_args(parser)
+method = parser.add_argument_group("method")                                      # new
+method.add_argument("--aggressive", type=int, default=1, choices=[0, 1],
+                    help="1: aggressive encoder training until validation MI stops climbing; 0: vae.py")
+method.add_argument("--inner_steps", type=int, default=100, help="at most this many encoder-only steps per batch")
+method.add_argument("--window", type=int, default=None,
+                    help="stop the encoder-only steps once the loss summed over this many steps went up "
+                         "(default 15 for text, 10 for images, as He et al.'s code)")
+args = common.parse_args(parser, "lagging")
+
+dataset = data.load(args)
+args.window = args.window or (10 if dataset.kind == "image" else 15)             # new
+encoder, decoder = common.build_model(args, dataset)
+modules = {"encoder": encoder, "decoder": decoder}
+# new: one optimiser per network, so that a step can update one side only (Algorithm 1);
+# params: what each trains (never --oracle's frozen generator)
+params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
+optimizers = {name: common.make_optimizer(params[name], args) for name in modules}
+
+
+def infer(x):
+    """q(z|x) in one encoder pass."""
+    return encoder(x)
+
+
+def train_step(x, kl_weight, update=("encoder", "decoder")):
+    # new: only the networks in `update` track gradients, so an encoder-only step neither computes
+    # nor clips decoder gradients (the released code did both), and a decoder-only step leaves q alone.
+    for name in modules:
+        for p in params[name]:
+            p.requires_grad_(name in update)
+    mean, logvar = encoder(x)
+    z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
+    rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
+    kl = common.kl_normal(mean, logvar)                      # closed form
+    loss = (rec + kl_weight * kl).mean()                     # -ELBO, KL weighted while annealing
+    for name in update:
+        optimizers[name].zero_grad(set_to_none=True)
+    loss.backward()
+    common.clip_grad([modules[name] for name in update], args.clip)
+    for name in update:
+        optimizers[name].step()
+    return rec.detach(), kl.detach()
+
+
+def encoder_steps(x, kl_weight):                                                  # new
+    """Algorithm 1's inner loop: encoder-only steps, the first on x (as the released code), the rest
+    on fresh random minibatches, until the loss per word (per image) over a window of `window` steps
+    exceeds the previous window's, or `inner_steps` steps. Returns how many steps it took."""
+    pool = dataset.batches("train", args.batch_size, shuffle=True)   # the dataset's generator: resumable
+    batch, window_loss, window_units, previous = x, 0.0, 0, math.inf
+    for step in range(1, args.inner_steps + 1):
+        rec, kl = train_step(batch, kl_weight, update=("encoder",))
+        window_loss = window_loss + (rec + kl_weight * kl).sum()       # stays on the device
+        window_units += batch.shape[0] * (batch.shape[1] - 1 if dataset.kind == "text" else 1)  # words, images
+        if step % args.window == 0:
+            current = window_loss.item() / window_units               # the one host sync per window
+            if current > previous:
+                break
+            previous, window_loss, window_units = current, 0.0, 0
+        batch = pool[step % len(pool)]
+    return step
+
+
+state = common.start(args, dataset, modules, optimizers)
+state.setdefault("aggressive", bool(args.aggressive))    # new: kept in the checkpoint, so --resume
+state.setdefault("previous_mi", -math.inf)               # continues in the same mode
+for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+    encoder.train(), decoder.train()
+    meter = common.Meter(args, epoch)
+    aggressive, inner_steps = state["aggressive"], 0                              # new
+    for x in dataset.batches("train", args.batch_size, shuffle=True):
+        common.plot_posterior(args, state["step"], infer, decoder, dataset)
+        kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
+        update = ("encoder", "decoder")
+        if aggressive:                         # new: the encoder catches up, then a decoder-only step
+            inner_steps += encoder_steps(x, kl_weight)
+            update = ("decoder",)
+        rec, kl = train_step(x, kl_weight, update)
+        state["step"] += 1
+        meter.add(rec, kl, kl_weight)
+    encoder.eval(), decoder.eval()
+    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    mean_inner_steps = inner_steps / max(meter.steps, 1)                          # new
+    if aggressive:                      # new: Algorithm 1, aggressive until I_q on validation stops climbing
+        state["aggressive"] = val["mi"] > state["previous_mi"]
+        state["previous_mi"] = val["mi"]
+        print(f"epoch {epoch}: {mean_inner_steps:.1f} encoder-only steps per batch; val mi {val['mi']:.3f}, "
+              f"aggressive training {'stays on' if state['aggressive'] else 'off'}", flush=True)
+    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers,
+                        aggressive=aggressive, inner_steps=mean_inner_steps):
+        break
+common.final_test(args, state, infer, decoder, dataset, modules)
