@@ -69,13 +69,14 @@ def dropout(t, p, training, generator=None):
 # Networks for text.
 
 class LSTMEncoder(nn.Module):
-    """Embeds the sentence, runs a one-layer LSTM; its last hidden state gives mean and logvar."""
+    """Embeds the sentence, runs a one-layer LSTM; its last hidden state gives mean and logvar.
+    bias=False drops the bias of that last map, as in He et al.'s code."""
 
-    def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim):
+    def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim, bias=True):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, emb_dim)
         self.lstm = nn.LSTM(emb_dim, hidden_dim, batch_first=True)
-        self.to_params = nn.Linear(hidden_dim, 2 * latent_dim)
+        self.to_params = nn.Linear(hidden_dim, 2 * latent_dim, bias=bias)
         # He et al. 2019's initialisation: small weights, so the encoder starts near the prior.
         for p in self.parameters():
             nn.init.uniform_(p, -0.01, 0.01)
@@ -100,15 +101,16 @@ class LSTMDecoder(nn.Module):
     z is joined to every input embedding and sets the initial state (c0 = W z, h0 = tanh(c0)).
     Dropout on the input embeddings and on the LSTM output before the vocabulary projection.
     latent_dim 0 makes it a plain LSTM language model. z_to_output also adds a linear map of z to the
-    logits (the generator of He et al.'s synthetic data)."""
+    logits (the generator of He et al.'s synthetic data). bias=False drops the biases of the z -> state
+    map and of the vocabulary projection, as in He et al.'s code (the LSTM keeps its own)."""
 
-    def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim, dropout=0.0, z_to_output=False):
+    def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim, dropout=0.0, z_to_output=False, bias=True):
         super().__init__()
         self.vocab_size, self.latent_dim, self.p = vocab_size, latent_dim, dropout
         self.embed = nn.Embedding(vocab_size, emb_dim)
         self.lstm = nn.LSTM(emb_dim + latent_dim, hidden_dim, batch_first=True)
-        self.init_state = nn.Linear(latent_dim, hidden_dim) if latent_dim > 0 else None
-        self.out = nn.Linear(hidden_dim, vocab_size)
+        self.init_state = nn.Linear(latent_dim, hidden_dim, bias=bias) if latent_dim > 0 else None
+        self.out = nn.Linear(hidden_dim, vocab_size, bias=bias)
         self.z_out = nn.Linear(latent_dim, vocab_size, bias=False) if z_to_output else None
         for p in self.parameters():
             nn.init.uniform_(p, -0.01, 0.01)
@@ -323,7 +325,7 @@ def build_model(args, dataset):
     elif dataset.kind == "image":
         encoder = MLPEncoder(args.latent_dim, args.hidden_dim) if args.image_net == "mlp" else ResNetEncoder(args.latent_dim)
     else:
-        encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim)
+        encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, bool(args.bias))
     if dataset.kind == "image":
         if args.image_net == "mlp":
             if args.latent_dim == 0:
@@ -332,7 +334,8 @@ def build_model(args, dataset):
         else:
             decoder = PixelCNNDecoder(args.latent_dim, args.hidden_dim)
     else:
-        decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout)
+        decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout,
+                              bias=bool(args.bias))
     if oracle:
         decoder = dataset.true_decoder             # requires_grad False: make_optimizer leaves it out
     return encoder.to(args.device), decoder.to(args.device)
@@ -423,29 +426,31 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
 # Arguments. A dataset preset fills every flag the user did not give; explicit flags win.
 
 TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
-                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2)
+                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2, bias=1)
 PRESETS = {
     # He et al. 2019, Appendix B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO.
+    # He et al.'s text networks have no bias in the (mean, logvar) map, the z -> state map or the vocabulary
+    # projection (bias 0); with those biases, aggressive training collapsed in every seed we ran (README).
     "synthetic": dict(epochs=20, batch_size=16, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=1,
-                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0, patience=2),
+                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0, patience=2, bias=0),
     # Kim et al. 2018 / He et al. 2019 text setting, with the 0.1 -> 1 KL annealing over 10 epochs.
     "yahoo": TEXT_PRESET, "yelp": TEXT_PRESET, "ptb": TEXT_PRESET, "text": TEXT_PRESET,
     # Omniglot (He et al. 2019, Table 2): ResNet encoder, 13-layer gated PixelCNN with 64 maps, d = 32,
     # Adam lr 1e-3, batch 50, standard ELBO. hidden_dim is the PixelCNN's feature maps.
     "omniglot": dict(epochs=500, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=32,
-                     emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10),
+                     emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
     # Kim et al. 2018, Sec. 5.1 (data from an oracle generator, d = 2). Their App. B.1 as far as known (unverified):
     # learned model with 100-dim embeddings and 100-unit LSTMs, batch 50, SGD lr 1, clip 5, no dropout, 100 epochs
     # with KL annealing. Ours: Adam lr 1e-3 (SGD lr 1 diverges when the decoder is the sharp true generator, and
     # one optimiser serves both columns), the standard ELBO and 3 epochs, to fit a CPU.
     "synthetic_oracle": dict(epochs=3, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=2,
-                             emb_dim=100, hidden_dim=100, dropout=0.0, warmup=0, kl_start=1.0, patience=2),
+                             emb_dim=100, hidden_dim=100, dropout=0.0, warmup=0, kl_start=1.0, patience=2, bias=1),
     # The image path at CPU size: same networks, few maps.
     "synthetic_images": dict(epochs=10, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=4,
-                             emb_dim=0, hidden_dim=16, dropout=0.0, warmup=0, kl_start=1.0, patience=10),
+                             emb_dim=0, hidden_dim=16, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
 }
 MLP_PRESET = dict(latent_dim=50, hidden_dim=200)   # --image_net mlp: Burda et al. 2016's 784-200-200-50
-MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "oracle")
+MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "bias", "oracle")
 
 
 def add_shared_args(parser):
@@ -463,6 +468,9 @@ def add_shared_args(parser):
     add("--emb_dim", type=int)
     add("--hidden_dim", type=int)
     add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
+    add("--bias", type=int, choices=[0, 1],
+        help="text networks: 1 gives the (mean, logvar) map, the z -> state map and the vocabulary projection "
+             "biases (Kim et al.'s code); 0 leaves them out (He et al.'s code; the synthetic preset)")
     add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn",
         help="images: ResNet encoder + gated PixelCNN decoder, or Burda et al.'s MLPs")
     add("--oracle", action="store_true",
@@ -696,6 +704,7 @@ def final_test(args, state, infer, decoder, dataset, modules):
             module.load_state_dict(state["best_modules"][name])
     for m in modules.values():
         m.eval()
+    plot_posterior(args, state["step"], infer, decoder, dataset, final=True)
     test = evaluate(infer, decoder, dataset.batches("test", args.batch_size), args.iw_samples)
     metrics = {"method": args.method, "dataset": args.dataset, **test,
                "train_seconds": state["train_seconds"]}
@@ -842,11 +851,12 @@ def true_posterior_mean(decoder, x, grid):
     return (log_joint.softmax(1) * grid).sum(1)
 
 
-def plot_posterior(args, step, infer, decoder, dataset, count=500):
+def plot_posterior(args, step, infer, decoder, dataset, count=500, final=False):
     """With --plot_posterior N, every N steps: for `count` validation sentences, the mean of the true
     posterior (grid over [-20, 20], step 0.1) against the mean of q(z|x). Writes posterior/STEP.json
-    (to redraw) and posterior/STEP.png. Leaves the random streams of training untouched."""
-    if not args.plot_posterior or step % args.plot_posterior:
+    (to redraw) and posterior/STEP.png; final=True draws the tested weights (STEP_final). Leaves the
+    random streams of training untouched."""
+    if not args.plot_posterior or (step % args.plot_posterior and not final):
         return
     if args.latent_dim != 1:
         fail("--plot_posterior draws the picture for a scalar latent; add --latent_dim 1")
@@ -864,13 +874,14 @@ def plot_posterior(args, step, infer, decoder, dataset, count=500):
             true_means.append(true_posterior_mean(decoder, x, grid))
             seen += x.shape[0]
     decoder.train(was_training)
-    points = {"step": step, "method": args.method, "true_mean": torch.cat(true_means).tolist(),
+    points = {"step": step, "method": args.method, "final": final, "true_mean": torch.cat(true_means).tolist(),
               "q_mean": torch.cat(q_means).tolist()}
     folder = os.path.join(args.save_dir, "posterior")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{step:07d}.json"), "w") as f:
+    name = f"{step:07d}" + ("_final" if final else "")
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(points, f)
-    draw_posterior(points, os.path.join(folder, f"{step:07d}.png"))
+    draw_posterior(points, os.path.join(folder, f"{name}.png"))
 
 
 def draw_posterior(points, path):
@@ -884,7 +895,8 @@ def draw_posterior(points, path):
     ax.scatter(points["true_mean"], points["q_mean"], s=6, alpha=0.6)
     ax.plot([-3, 3], [-3, 3], color="gray", linewidth=0.8)
     ax.set(xlim=(-3, 3), ylim=(-3, 3), xlabel="mean of true posterior p(z|x)",
-           ylabel="mean of q(z|x)", title=f"{points['method']}, step {points['step']}")
+           ylabel="mean of q(z|x)", title=f"{points['method']}, step {points['step']}"
+                                          + (" (end, tested weights)" if points.get("final") else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,8 +4,8 @@ decoder-only step; aggressive mode ends after the first epoch whose validation M
 
 He, Spokoyny, Neubig, Berg-Kirkpatrick, "Lagging Inference Networks and Posterior Collapse in
 Variational Autoencoders", ICLR 2019 (Algorithm 1, Sec. 3).
-Reproduce: python lagging.py                                   (synthetic, d = 1; Fig. 2 with --plot_posterior;
-                                                             the paper's no-collapse finding is not yet reproduced here: README)
+Reproduce: python lagging.py --window 100 --plot_posterior 200  (synthetic, d = 1: Fig. 2; which seeds keep z
+                                                             in use and which collapse anyway: README)
            python lagging.py --dataset yahoo --kl_start 1 --cuda (standard ELBO; He et al. Table 1)
            python lagging.py --aggressive 0                      (exactly vae.py)
 """
@@ -23,7 +23,8 @@ method.add_argument("--aggressive", type=int, default=1, choices=[0, 1],
 method.add_argument("--inner_steps", type=int, default=100, help="at most this many encoder-only steps per batch")
 method.add_argument("--window", type=int, default=None,
                     help="stop the encoder-only steps once the loss summed over this many steps went up "
-                         "(default 15 for text, 10 for images, as He et al.'s code)")
+                         "(default 15 for text, 10 for images, as He et al.'s code; --window 100 with "
+                         "--inner_steps 100 is a fixed budget of 100 steps)")
 args = common.parse_args(parser, "lagging")
 
 dataset = data.load(args)

@@ -3,8 +3,10 @@ and He et al.'s finding (the VAE collapses, aggressive training does not) in a C
 import json
 import os
 import runpy
+import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY, read_metrics, run_script
@@ -90,3 +92,67 @@ def test_smoke_logs_mode_and_inner_steps_and_resumes_exactly(tmp_path):
     assert without_time(read_metrics(tmp_path / "resumed")) == without_time(metrics)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in log]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(tmp_path / "resumed")] == strip
+
+
+def test_vae_collapses_where_aggressive_training_does_not(tmp_path):
+    """He et al.'s finding at CI size: synthetic data, d = 1, the same seed, data (1600 sentences) and
+    100 steps. vae.py collapses; lagging.py with 100 encoder-only steps per batch (--window 100) ends with
+    an active unit and clearly positive MI, its q tracking the true posterior. Bit-for-bit repeatable on
+    a CPU; the full-size runs of every seed, and the default stopping rule, are in the README."""
+    args = ["--train_size", "1600", "--epochs", "1", "--iw_samples", "10", "--seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, *extra,
+                                     "--save_dir", str(tmp_path / name)],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, script, extra in (("vae", "vae.py", []), ("lagging", "lagging.py", ["--window", "100"]))}
+    for name, proc in procs.items():                 # both at once: two cores
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}"
+    vae, lagging = read_metrics(tmp_path / "vae"), read_metrics(tmp_path / "lagging")
+    assert vae["au"] == 0 and vae["kl"] < 0.01 and abs(vae["mi"]) < 0.02           # collapsed
+    assert lagging["au"] == 1 and lagging["kl"] > 0.2 and lagging["mi"] > 0.2      # z is used
+
+
+class QuadraticDecoder:
+    """log p(x|z) = -(z - a_x)^2 / (2 s^2) for a scalar z: with the N(0, 1) prior the true posterior
+    mean is a_x / (1 + s^2)."""
+    s = 0.5
+
+    def log_prob(self, x, z):
+        return -(z[..., 0] - x[:, :1]).pow(2) / (2 * self.s ** 2)
+
+    def cost_per_sample(self, x):
+        return 1
+
+
+def test_true_posterior_mean_matches_closed_form():
+    import common
+    a = torch.tensor([[-3.0], [-0.7], [0.0], [1.3], [4.0]])
+    grid = torch.arange(-200, 201) / 10                       # as --plot_posterior: [-20, 20], step 0.1
+    mean = common.true_posterior_mean(QuadraticDecoder(), a, grid)
+    torch.testing.assert_close(mean, a[:, 0] / (1 + QuadraticDecoder.s ** 2), rtol=0, atol=1e-4)
+
+
+def test_plot_posterior_writes_frames_and_data(tmp_path, text_dir):
+    """--plot_posterior N: frames at step 0, every N steps and at the end, each as PNG and JSON."""
+    pytest.importorskip("matplotlib")
+    sizes = ["--emb_dim", "8", "--hidden_dim", "8", "--latent_dim", "1", "--batch_size", "4"]
+    run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, "--epochs", "1", "--iw_samples", "2",
+               "--val_iw_samples", "2", *sizes, "--plot_posterior", "5", "--save_dir", tmp_path)
+    files = sorted(p.name for p in (tmp_path / "posterior").iterdir())
+    stems = sorted({name.rsplit(".", 1)[0] for name in files})
+    assert files == sorted(f"{s}.{ext}" for s in stems for ext in ("json", "png"))
+    steps = [int(s.split("_")[0]) for s in stems]
+    assert stems[0] == "0000000" and stems[-1].endswith("_final") and len(stems) >= 3
+    assert all(step % 5 == 0 for step in steps[:-1])
+    points = json.loads((tmp_path / "posterior" / f"{stems[1]}.json").read_text())
+    assert points["method"] == "vae" and points["step"] == steps[1] and not points["final"]
+    assert len(points["true_mean"]) == len(points["q_mean"]) == 10       # the whole validation split
+    assert all(abs(v) < 20 for v in points["true_mean"])
+    # without the flag, nothing is drawn and matplotlib is never imported
+    code = ("import sys, runpy; sys.argv = ['vae.py', '--dataset', 'text', '--data_dir', r'%s', '--epochs', '1', "
+            "'--iw_samples', '1', '--val_iw_samples', '1', '--emb_dim', '8', '--hidden_dim', '8', "
+            "'--save_dir', r'%s']; runpy.run_path('vae.py'); assert 'matplotlib' not in sys.modules"
+            % (text_dir, tmp_path / "plain"))
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    assert not (tmp_path / "plain" / "posterior").exists()
