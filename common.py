@@ -35,8 +35,9 @@ def reparameterize(mean, logvar, n=1, generator=None):
 
 def kl_normal(mean, logvar):
     """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, summed over d: [batch].
-    Kingma & Welling 2014, Appendix B: -1/2 sum(1 + logvar - mean^2 - exp(logvar))."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
+    Kingma & Welling 2014, Appendix B: -1/2 sum(1 + logvar - mean^2 - exp(logvar)). expm1 keeps
+    exp(logvar) - 1 - logvar >= 0 in floating point when q is close to the prior."""
+    return 0.5 * (mean.pow(2) + torch.expm1(logvar) - logvar).sum(-1)
 
 
 def log_normal(z, mean, logvar):
