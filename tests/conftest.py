@@ -14,9 +14,16 @@ TINY = ["--train_size", "64", "--epochs", "1", "--iw_samples", "4", "--val_iw_sa
 TINY_TEXT = ["--emb_dim", "8", "--hidden_dim", "8", "--latent_dim", "2", "--batch_size", "4"]
 
 
+def start_script(script, *args):
+    """Start a method script through its command line, one thread; returns the Popen (output in stdout)."""
+    # one thread: these runs are tiny, and extra threads only add contention
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def run_script(script, *args, check=True):
     """Run a method script through its command line; returns the CompletedProcess."""
-    # one thread: these runs are tiny, and extra threads only add contention
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_metrics, run_script
+from conftest import ROOT, TINY, read_metrics, run_script, start_script
 
 
 def without_time(metrics):
@@ -100,10 +100,7 @@ def test_vae_collapses_where_aggressive_training_does_not(tmp_path):
     an active unit and clearly positive MI, its q tracking the true posterior. Bit-for-bit repeatable on
     a CPU; the full-size runs of every seed, and the default stopping rule, are in the README."""
     args = ["--train_size", "1600", "--epochs", "1", "--iw_samples", "10", "--seed", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, *extra,
-                                     "--save_dir", str(tmp_path / name)],
-                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = {name: start_script(script, *args, *extra, "--save_dir", tmp_path / name)
              for name, script, extra in (("vae", "vae.py", []), ("lagging", "lagging.py", ["--window", "100"]))}
     for name, proc in procs.items():                 # both at once: two cores
         out, _ = proc.communicate(timeout=600)
