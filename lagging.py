@@ -4,8 +4,8 @@ decoder-only step; aggressive mode ends after the first epoch whose validation M
 
 He, Spokoyny, Neubig, Berg-Kirkpatrick, "Lagging Inference Networks and Posterior Collapse in
 Variational Autoencoders", ICLR 2019 (Algorithm 1, Sec. 3).
-Reproduce: python lagging.py --window 100 --seed 1 --train_size 1600 --epochs 1 --plot_posterior 25
-                                        (synthetic, d = 1: Fig. 2. At full size z still collapsed later in
+Reproduce: python lagging.py --seed 1 --train_size 1600 --epochs 1 --plot_posterior 25
+                                        (synthetic, d = 1: Fig. 2. At full size z was given up later, in
                                          every seed we ran: README)
            python lagging.py --dataset yahoo --kl_start 1 --cuda (standard ELBO; He et al. Table 1)
            python lagging.py --aggressive 0                      (exactly vae.py)

@@ -94,20 +94,20 @@ def test_smoke_logs_mode_and_inner_steps_and_resumes_exactly(tmp_path):
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(tmp_path / "resumed")] == strip
 
 
-def test_vae_collapses_where_aggressive_training_does_not(tmp_path):
+@pytest.mark.parametrize("seed", [1, 2, 783435])
+def test_vae_collapses_where_aggressive_training_does_not(tmp_path, seed):
     """He et al.'s finding at CI size: synthetic data, d = 1, the same seed, data (1600 sentences) and
-    100 steps. vae.py collapses; lagging.py with 100 encoder-only steps per batch (--window 100) ends with
-    an active unit and clearly positive MI, its q tracking the true posterior. Bit-for-bit repeatable on
-    a CPU; the full-size runs of every seed, and the default stopping rule, are in the README."""
-    args = ["--train_size", "1600", "--epochs", "1", "--iw_samples", "10", "--seed", "1"]
-    procs = {name: start_script(script, *args, *extra, "--save_dir", tmp_path / name)
-             for name, script, extra in (("vae", "vae.py", []), ("lagging", "lagging.py", ["--window", "100"]))}
+    100 steps, He et al.'s stopping rule. vae.py collapses; lagging.py ends with an active unit and
+    clearly positive MI (measured: MI 0.77-0.98, KL 0.92-1.28 in these seeds; the VAE's |MI| < 0.007).
+    Bit-for-bit repeatable on a CPU. At full size z is given up later, in every seed: README."""
+    args = ["--train_size", "1600", "--epochs", "1", "--iw_samples", "10", "--seed", str(seed)]
+    procs = {name: start_script(f"{name}.py", *args, "--save_dir", tmp_path / name) for name in ("vae", "lagging")}
     for name, proc in procs.items():                 # both at once: two cores
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}"
     vae, lagging = read_metrics(tmp_path / "vae"), read_metrics(tmp_path / "lagging")
     assert vae["au"] == 0 and vae["kl"] < 0.01 and abs(vae["mi"]) < 0.02           # collapsed
-    assert lagging["au"] == 1 and lagging["kl"] > 0.2 and lagging["mi"] > 0.2      # z is used
+    assert lagging["au"] == 1 and lagging["kl"] > 0.3 and lagging["mi"] > 0.3      # z is used
 
 
 class QuadraticDecoder:
