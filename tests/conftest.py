@@ -14,19 +14,23 @@ TINY = ["--train_size", "64", "--epochs", "1", "--iw_samples", "4", "--val_iw_sa
 TINY_TEXT = ["--emb_dim", "8", "--hidden_dim", "8", "--latent_dim", "2", "--batch_size", "4"]
 
 
+def _command(script, args):
+    """The command line of a method script, and how to run it: from the repository root, one thread
+    (these runs are tiny, and extra threads only add contention)."""
+    return ([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+            dict(cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True))
+
+
 def start_script(script, *args):
-    """Start a method script through its command line, one thread; returns the Popen (output in stdout)."""
-    # one thread: these runs are tiny, and extra threads only add contention
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start a method script through its command line; returns the Popen (stderr joined to stdout)."""
+    argv, how = _command(script, args)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **how)
 
 
 def run_script(script, *args, check=True):
     """Run a method script through its command line; returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    argv, how = _command(script, args)
+    proc = subprocess.run(argv, capture_output=True, timeout=600, **how)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
