@@ -28,9 +28,16 @@ def fail(message):
 
 def reparameterize(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps: [batch, n, d]."""
+    return sample_q(mean, logvar, n, generator)[0]
+
+
+def sample_q(mean, logvar, n=1, generator=None):
+    """n samples z = mean + exp(logvar / 2) * eps, [batch, n, d], and log q(z|x) of each, [batch, n],
+    computed from eps: exact even where z - mean rounds to 0 (logvar of -60 and below in float32)."""
     eps = torch.randn((mean.shape[0], n, mean.shape[1]), generator=generator,
                       device=mean.device, dtype=mean.dtype)
-    return mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+    z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+    return z, -0.5 * (LOG_2PI + logvar.unsqueeze(1) + eps.pow(2)).sum(-1)
 
 
 def kl_normal(mean, logvar):
@@ -41,8 +48,12 @@ def kl_normal(mean, logvar):
 
 
 def log_normal(z, mean, logvar):
-    """log N(z; mean, diag(exp(logvar))), summed over the last dimension (arguments broadcast)."""
-    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
+    """log N(z; mean, diag(exp(logvar))), summed over the last dimension (arguments broadcast).
+    (z - mean) / sd is formed before squaring, and a zero difference counts 0 even where 1 / sd overflows,
+    so the result is finite for every finite logvar (exp(-logvar) alone overflows below about -88)."""
+    diff = z - mean
+    scaled = torch.where(diff == 0, torch.zeros_like(diff), diff * torch.exp(-0.5 * logvar))
+    return -0.5 * (LOG_2PI + logvar + scaled.pow(2)).sum(-1)
 
 
 def log_prior(z):
@@ -394,9 +405,9 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
         chunk = max(1, min(samples, max_floats // per_sample))
         log_w, log_px_z, log_qz = [], [], []
         for start in range(0, samples, chunk):
-            z = reparameterize(mean, logvar, min(chunk, samples - start))
+            z, log_q = sample_q(mean, logvar, min(chunk, samples - start))
             log_px_z.append(decoder.log_prob(x, z))
-            log_w.append(log_px_z[-1] + log_prior(z) - log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1)))
+            log_w.append(log_px_z[-1] + log_prior(z) - log_q)
             # log q(z_is) with q(z) = (1/B) sum_j q(z | x_j): [batch, n, batch] densities
             pairwise = log_normal(z.unsqueeze(2), mean[None, None], logvar[None, None])
             log_qz.append(torch.logsumexp(pairwise, -1) - math.log(batch))
@@ -787,7 +798,8 @@ def gap_estimates(decoder, x, q_method, q_opt, samples, generator):
         z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
         log_px_z = log_prob_chunked(decoder, x, z)
         elbos.append(log_px_z.mean(1) - kl_normal(mean, logvar))
-    log_w = log_px_z + log_prior(z) - log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1))    # q* samples
+    log_q = -0.5 * (LOG_2PI + logvar.unsqueeze(1) + eps.pow(2)).sum(-1)          # of the q* samples, from eps
+    log_w = log_px_z + log_prior(z) - log_q
     return elbos[0], elbos[1], torch.logsumexp(log_w, 1) - math.log(samples)
 
 
@@ -904,22 +916,11 @@ def draw_posterior(points, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# SVI refinement (svi.py, savae.py)
-# Kim et al. 2018, Algorithm 2 (f = -ELBO with the current KL weight, alpha = --svi_lr, gamma = --momentum;
-# the labels are ours):
-#   forward   lambda_0 = enc(x), v_0 = 0; for k = 0 .. K-1:
-#     (F1)      v_{k+1} = gamma v_k - grad_lambda f(lambda_k)        (here: the gradient clipped, see below)
-#     (F2)      lambda_{k+1} = lambda_k + alpha v_{k+1}
-#             L = f(lambda_K), lambda-bar_K = grad_lambda L, theta-bar = grad_theta L
-#   backward  v-bar_K = 0; for k = K-1 .. 0:
-#     (B1)      v-bar_{k+1} = v-bar_{k+1} + alpha lambda-bar_{k+1}
-#     (B2)      lambda-bar_k = lambda-bar_{k+1} - H_{lambda,lambda} f(lambda_k) v-bar_{k+1}
-#     (B3)      theta-bar = theta-bar - H_{theta,lambda} f(lambda_k) v-bar_{k+1}
-#     (B4)      v-bar_k = gamma v-bar_{k+1}
-#             dL/dtheta = theta-bar, dL/dphi = (d lambda_0 / d phi)^T lambda-bar_0
-# Per example: the f of the steps is the SUM of the sentences' -ELBOs, so row i of grad_lambda f is
-# sentence i's own gradient, and clipping (mean and logvar separately) acts row by row: no sentence's steps
-# depend on the batch size or on the other sentences. Kim et al.'s f was the batch MEAN, so their step on a
+# Pieces of the SVI steps that svi.py and savae.py share. The steps themselves (Kim et al. 2018, Alg. 2),
+# and SA-VAE's backward loop through them, are in those scripts.
+# Per example: the objective of the steps is the SUM of the sentences' -ELBOs, so row i of its gradient is
+# sentence i's own, and clipping (mean and logvar separately) acts row by row: no sentence's steps depend on
+# the batch size or on the other sentences. Kim et al.'s objective was the batch MEAN, so their step on a
 # sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
 
 def trainable(module):
@@ -945,100 +946,3 @@ def clip_rows(g, max_norm):
     if max_norm <= 0:
         return g
     return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
-
-
-def clip_rows_vjp(g, v, max_norm):
-    """v backpropagated through clip_rows at g. Its Jacobian is symmetric: the identity for rows within
-    max_norm, (max_norm / |g|) (I - n n^T) with n = g / |g| for clipped rows."""
-    if max_norm <= 0:
-        return v
-    norm = g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    n = g / norm
-    return torch.where(norm > max_norm, (max_norm / norm) * (v - n * (n * v).sum(-1, keepdim=True)), v)
-
-
-def svi_steps(decoder, x, mean, logvar, kl_weight, args, record=None):
-    """The forward loop: K = args.svi_steps steps (F1, F2) from lambda_0 = (mean, logvar), decoder fixed,
-    each step's gradient clipped per example (mean and logvar separately) to norm args.svi_clip.
-    Returns (mean_K, logvar_K, trace), detached. record "exact" or "finite_diff" keeps in trace what
-    svi_backward needs: each lambda_k, its gradient and the generator state before the step (and, for
-    finite_diff, sum_k grad_theta f(lambda_k)). Gradients are enabled here: evaluate() runs under no_grad."""
-    generator = svi_generator(x.device) if args.svi_steps else None      # none drawn for 0 steps: savae == vae
-    params = trainable(decoder) if record == "finite_diff" else []
-    trace = {"mode": record, "decoder": decoder, "x": x, "kl_weight": kl_weight, "generator": generator,
-             "lam": [], "grad": [], "rng": [], "theta_sum": [torch.zeros_like(p, dtype=torch.float64) for p in params]}
-    lam = [mean.detach(), logvar.detach()]
-    velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
-    # cuDNN's LSTM has no backward in eval mode (evaluation): there the native LSTM runs instead
-    no_cudnn = torch.backends.cudnn.flags(enabled=False) if not decoder.training else contextlib.nullcontext()
-    with torch.enable_grad(), no_cudnn:
-        for _ in range(args.svi_steps):
-            lam = [t.requires_grad_() for t in lam]
-            rng = generator.get_state()
-            f = svi_objective(decoder, x, *lam, kl_weight, generator).sum()
-            grads = torch.autograd.grad(f, lam + params)
-            if record:
-                trace["lam"].append([t.detach() for t in lam])
-                trace["grad"].append(grads[:2])
-                trace["rng"].append(rng)
-                for total, g in zip(trace["theta_sum"], grads[2:]):
-                    total.add_(g)                     # in float64: svi_backward divides a difference of sums by r
-            velocity = [args.momentum * v - clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]  # (F1)
-            lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]                             # (F2)
-    return lam[0].detach(), lam[1].detach(), trace
-
-
-def svi_hessian_vector(trace, k, u, fd_step):
-    """(H_{lambda,lambda} u, H_{theta,lambda} u) of f at lambda_k, replaying step k's eps and dropout masks.
-    fd_step None: exact, by double backward (cuDNN's LSTM has none: cuDNN is off here).
-    fd_step r: one-sided finite differences (grad f(lambda_k + r u) - grad f(lambda_k)) / r, as Kim et al.;
-    for theta it returns grad_theta f(lambda_k + r u) alone, see svi_backward."""
-    decoder, x, generator = trace["decoder"], trace["x"], trace["generator"]
-    params = trainable(decoder)
-    generator.set_state(trace["rng"][k])
-    if fd_step is None:
-        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
-            lam = [t.clone().requires_grad_() for t in trace["lam"][k]]
-            f = svi_objective(decoder, x, *lam, trace["kl_weight"], generator).sum()
-            grads = torch.autograd.grad(f, lam, create_graph=True)
-            hv = torch.autograd.grad(grads, lam + params, grad_outputs=u, allow_unused=True)
-        hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, lam + params)]
-        return hv[:2], hv[2:]
-    with torch.enable_grad():
-        lam = [(t + fd_step * v).requires_grad_() for t, v in zip(trace["lam"][k], u)]
-        f = svi_objective(decoder, x, *lam, trace["kl_weight"], generator).sum()
-        grads = torch.autograd.grad(f, lam + params)
-    return [(g - g0) / fd_step for g, g0 in zip(grads[:2], trace["grad"][k])], grads[2:]
-
-
-def svi_backward(trace, grad_mean, grad_logvar, args, fd_step=1e-5):
-    """The backward loop (B1-B4) through the steps recorded in trace. grad_mean, grad_logvar: lambda-bar_K,
-    the gradient of the batch-mean loss L = mean_i f_i(lambda_K). Adds sum_k -H_{theta,lambda} v-bar_{k+1}
-    (B3) to the decoder's .grad, which holds the direct term grad_theta L, and returns lambda-bar_0 for the
-    encoder. lambda-bar is 1/B of each example's own adjoint, so the finite-difference step r (1e-5, as Kim
-    et al.) is taken as r * B and the intermediate clip as svi_clip / B: both act per example.
-    With finite differences (B3) is summed over the steps before dividing by r:
-        sum_k H_{theta,lambda} u_k ~ (sum_k grad_theta f(lambda_k + r u_k) - sum_k grad_theta f(lambda_k)) / r,
-    the second sum collected in the forward loop (trace["theta_sum"], float64; used up here). That saves a
-    decoder gradient per step and K copies of the decoder's gradient."""
-    batch, fd = trace["x"].shape[0], trace["mode"] == "finite_diff"
-    step = fd_step * batch if fd else None
-    params = trainable(trace["decoder"])
-    lam_bar = [grad_mean, grad_logvar]
-    v_bar = [torch.zeros_like(t) for t in lam_bar]                                        # v-bar_K = 0
-    theta_bar = trace["theta_sum"] if fd else [torch.zeros_like(p) for p in params]
-    for k in reversed(range(len(trace["lam"]))):
-        v_bar = [v + args.svi_lr * l for v, l in zip(v_bar, lam_bar)]                     # (B1)
-        # (F1) used clip(grad f(lambda_k)): the adjoint passes through the clip before the Hessian
-        u = [clip_rows_vjp(g, v, args.svi_clip) for g, v in zip(trace["grad"][k], v_bar)]
-        h_lam, h_theta = svi_hessian_vector(trace, k, u, step)
-        lam_bar = [l - h for l, h in zip(lam_bar, h_lam)]                                 # (B2)
-        for total, h in zip(theta_bar, h_theta):
-            total.sub_(h)                                                                 # (B3)
-        if fd:   # as Kim et al.'s code: clip the intermediate adjoints, finite differences can blow up
-            lam_bar = [clip_rows(l, args.svi_clip / batch) for l in lam_bar]
-        v_bar = [args.momentum * v for v in v_bar]                                        # (B4)
-    for p, total in zip(params, theta_bar):
-        total = (total.div_(step) if fd else total).to(p.dtype)
-        p.grad = total if p.grad is None else p.grad.add_(total)
-    return lam_bar

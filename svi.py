@@ -11,6 +11,7 @@ the batch. Kim et al. took steps on the batch MEAN (lr 1 at batch 32), i.e. lr 1
 default --svi_lr 0.03125 (= 1/32) is their setting; their clip acted on the whole batch, ours per sentence.
 """
 import argparse
+import contextlib
 
 import torch
 
@@ -37,12 +38,30 @@ optimizer = common.make_optimizer(decoder.parameters(), args)
 optimizers = {"optimizer": optimizer}
 
 
+def svi_steps(x, mean, logvar, kl_weight):
+    """K = --svi_steps steps of SGD with momentum (Kim et al. 2018, Alg. 2, F1 and F2) from lambda_0 = (mean,
+    logvar), decoder fixed, each sentence's gradient clipped on its own (mean and logvar separately).
+    Returns (mean_K, logvar_K), detached."""
+    generator = common.svi_generator(x.device) if args.svi_steps else None
+    lam = [mean.detach(), logvar.detach()]
+    velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
+    # cuDNN's LSTM has no backward in eval mode (evaluation): there the native LSTM runs instead
+    no_cudnn = torch.backends.cudnn.flags(enabled=False) if not decoder.training else contextlib.nullcontext()
+    with torch.enable_grad(), no_cudnn:
+        for _ in range(args.svi_steps):
+            lam = [t.requires_grad_() for t in lam]
+            f = common.svi_objective(decoder, x, *lam, kl_weight, generator).sum()
+            grads = torch.autograd.grad(f, lam)                      # lambda only: no decoder gradients
+            velocity = [args.momentum * v - common.clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]  # (F1)
+            lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]                                    # (F2)
+    return lam[0], lam[1]
+
+
 def infer(x, kl_weight=1.0):
     """q(z|x) from K SVI steps starting at lambda_0 = 0, i.e. q = p(z) (Kim et al.'s training start;
     their evaluation started at 0.1 * randn). Enables gradients itself (evaluate runs under no_grad)."""
     zeros = torch.zeros(x.shape[0], args.latent_dim, device=x.device)
-    mean, logvar, _ = common.svi_steps(decoder, x, zeros, zeros, kl_weight, args)
-    return mean, logvar
+    return svi_steps(x, zeros, zeros, kl_weight)
 
 
 def train_step(x, kl_weight):

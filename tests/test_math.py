@@ -28,6 +28,31 @@ def test_log_normal_prior_and_entropy_match_torch_distributions():
     torch.testing.assert_close(common.neg_entropy(logvar), -D.Normal(mean, (0.5 * logvar).exp()).entropy().sum(-1))
 
 
+def test_log_densities_stay_finite_and_exact_at_extreme_logvar():
+    """float32: exp(-logvar) overflows below logvar -88 (the old formula gave NaN at z == mean), and at
+    logvar -60 z - mean rounds to 0 against mean 1, losing the eps^2 term: sample_q takes it from eps."""
+    for logvar in (-60.0, -90.0, -200.0, 80.0):
+        mean, lv = torch.ones(2, 3), torch.full((2, 3), logvar)
+        g = torch.Generator().manual_seed(0)
+        z, log_q = common.sample_q(mean, lv, 4, generator=g)
+        eps = torch.randn((2, 4, 3), generator=torch.Generator().manual_seed(0))
+        expected = -0.5 * (3 * math.log(2 * math.pi) + 3 * logvar + eps.pow(2).sum(-1).double())
+        torch.testing.assert_close(log_q.double(), expected, rtol=1e-6, atol=0)
+        at_mean = common.log_normal(mean, mean, lv)                          # exactly at the mean
+        torch.testing.assert_close(at_mean.double(), torch.full((2,), -0.5 * 3 * (math.log(2 * math.pi) + logvar),
+                                                               dtype=torch.float64), rtol=1e-6, atol=0)
+    # away from the mean at logvar -100: the density is tiny but its log is finite (about -1.3e37)
+    far = common.log_normal(torch.tensor([1e-3]), torch.zeros(1), torch.tensor([-100.0]))
+    assert torch.isfinite(far) and far.item() == pytest.approx(-0.5 * (math.log(2 * math.pi) - 100 + 1e-6 * math.exp(100)), rel=1e-5)
+    # ordinary values: unchanged (the old formula, to rounding)
+    g = torch.Generator().manual_seed(3)
+    z, mean, logvar = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    old = -0.5 * (math.log(2 * math.pi) + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
+    torch.testing.assert_close(common.log_normal(z, mean, logvar), old, rtol=1e-6, atol=1e-6)
+    z, log_q = common.sample_q(mean, logvar, 3, generator=g)
+    torch.testing.assert_close(log_q, common.log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1)), rtol=1e-5, atol=1e-5)
+
+
 def test_reparameterize_moments():
     g = torch.Generator().manual_seed(2)
     mean, logvar = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, math.log(4.0)]])
