@@ -342,3 +342,45 @@ def load_synthetic_oracle(args):
     # each sentence's z, row for row with by_length[split][6] (one length only, so the order is kept)
     dataset.true_z = {split: z.to(args.device) for split, (_, z) in splits.items()}
     return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a built-in dataset out as text, so another codebase can be run on exactly our data.
+
+BUILT_IN_TEXT = {"synthetic": load_synthetic, "synthetic_oracle": load_synthetic_oracle}
+
+
+def export_text(name, folder):
+    """Writes FOLDER/{train,valid,test}.txt for a built-in text dataset: one sentence per line, words
+    separated by spaces, without <s> and </s> (every reader adds its own). Files are written to a
+    temporary name and renamed; an existing file is never overwritten. Returns the paths."""
+    import argparse
+    if name not in BUILT_IN_TEXT:
+        fail(f"--export takes a built-in text dataset ({', '.join(BUILT_IN_TEXT)}), not {name}")
+    paths = {split: os.path.join(folder, f"{split}.txt") for split in SPLIT_NAMES}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing:
+        fail(f"{existing[0]} already exists; pass an empty --out folder (nothing was written)")
+    args = argparse.Namespace(train_size=0, seed=0, device="cpu")
+    dataset = BUILT_IN_TEXT[name](args)
+    os.makedirs(folder, exist_ok=True)
+    for split, path in paths.items():
+        # one length per split for the built-in data, so by_length keeps the generated order
+        rows = [s for t in dataset.by_length[split].values() for s in t.tolist()]
+        lines = [" ".join(dataset.vocab[i] for i in s if i not in (BOS, EOS)) + "\n" for s in rows]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {len(lines)} sentences to {path}", flush=True)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Write a built-in text dataset as train.txt, valid.txt, "
+                                                 "test.txt (one sentence per line), e.g. to run another "
+                                                 "codebase on exactly our data.")
+    parser.add_argument("--export", required=True, choices=sorted(BUILT_IN_TEXT), help="the dataset to write")
+    parser.add_argument("--out", required=True, help="the folder to write into (created if missing)")
+    cli = parser.parse_args()
+    export_text(cli.export, cli.out)
