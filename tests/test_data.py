@@ -1,11 +1,16 @@
 """Text parsing, vocabulary, batching and the synthetic generator."""
+import argparse
 import collections
+import os
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
 import data
+from conftest import ROOT
 
 
 def write_corpus(folder, train, valid, test, names=("train.txt", "valid.txt", "test.txt")):
@@ -95,3 +100,25 @@ def test_synthetic_data_is_he_et_al_sized_and_deterministic():
         pairs = [(i, j) for i in range(100) for j in range(i + 1, 100) if (component[i] == component[j]) == same]
         return sum(len(words[i] & words[j]) for i, j in pairs) / len(pairs)
     assert overlap(True) > 2 * overlap(False)
+
+
+def test_export_writes_the_built_in_data_as_text_and_never_overwrites(tmp_path):
+    out = tmp_path / "synthetic"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--export", "synthetic", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sentences, _ = data.synthetic_sentences()
+    lines = {split: (out / f"{split}.txt").read_text().splitlines() for split in ("train", "valid", "test")}
+    assert [len(v) for v in lines.values()] == [16000, 2000, 2000]
+    vocab = data.SPECIALS + [f"w{i}" for i in range(1000)]
+    for split, first in (("train", 0), ("valid", 16000), ("test", 18000)):
+        assert lines[split][0].split() == [vocab[i] for i in sentences[first][1:-1]]
+    assert all(len(line.split()) == 10 for line in lines["test"])
+    # read back through --dataset text: the same sentences (ids differ: that vocabulary is by frequency)
+    args = argparse.Namespace(dataset="text", data_dir=str(out), train_size=0, seed=0, device="cpu")
+    back = data.load_text(args)
+    assert back.size("train") == 16000 and back.vocab_size <= 1003
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--export", "synthetic", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert len((out / "train.txt").read_text().splitlines()) == 16000
