@@ -4,14 +4,16 @@ decoder-only step; aggressive mode ends after the first epoch whose validation M
 
 He, Spokoyny, Neubig, Berg-Kirkpatrick, "Lagging Inference Networks and Posterior Collapse in
 Variational Autoencoders", ICLR 2019 (Algorithm 1, Sec. 3).
-Reproduce: python lagging.py --seed 1 --train_size 1600 --epochs 1 --plot_posterior 25
-                                        (synthetic, d = 1: Fig. 2. At full size z was given up later, in
-                                         every seed we ran: README)
+Reproduce: python lagging.py --seed 1      (synthetic, d = 1: z kept to the end where `python vae.py --seed 1`
+                                          collapses; every seed, and the authors' code on the same data: README)
+           python lagging.py --seed 1 --train_size 1600 --epochs 1 --plot_posterior 25   (Fig. 2 frames)
            python lagging.py --dataset yahoo --kl_start 1 --cuda (standard ELBO; He et al. Table 1)
            python lagging.py --aggressive 0                      (exactly vae.py)
 """
 import argparse
 import math
+
+import torch
 
 import common
 import data
@@ -32,10 +34,8 @@ dataset = data.load(args)
 args.window = args.window or (10 if dataset.kind == "image" else 15)             # new
 encoder, decoder = common.build_model(args, dataset)
 modules = {"encoder": encoder, "decoder": decoder}
-# new: one optimiser per network, so that a step can update one side only (Algorithm 1);
-# params: what each trains (never --oracle's frozen generator)
-params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
-optimizers = {name: common.make_optimizer(params[name], args) for name in modules}
+# new: one optimiser per network, so that a step can update one side only (Algorithm 1)
+optimizers = {name: common.make_optimizer(m.parameters(), args) for name, m in modules.items()}
 
 
 def infer(x):
@@ -44,31 +44,30 @@ def infer(x):
 
 
 def train_step(x, kl_weight, update=("encoder", "decoder")):
-    # new: only the networks in `update` track gradients, so an encoder-only step neither computes
-    # nor clips decoder gradients (the released code did both), and a decoder-only step leaves q alone.
-    for name in modules:
-        for p in params[name]:
-            p.requires_grad_(name in update)
     mean, logvar = encoder(x)
     z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
     rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
     kl = common.kl_normal(mean, logvar)                      # closed form
     loss = (rec + kl_weight * kl).mean()                     # -ELBO, KL weighted while annealing
-    for name in update:
-        optimizers[name].zero_grad(set_to_none=True)
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    common.clip_grad([modules[name] for name in update], args.clip)
-    for name in update:
+    # new: both networks' gradients are clipped together even when only those in `update` step, as in
+    # He et al.'s code (the paper leaves it open): a large decoder gradient shortens an encoder-only step.
+    # It decides whether z survives: clipping the encoder alone lost z at full size (docs/lagging_results.md).
+    common.clip_grad(modules.values(), args.clip)
+    for name in update:                                      # new: Algorithm 1 steps one side only
         optimizers[name].step()
     return rec.detach(), kl.detach()
 
 
-def encoder_steps(x, kl_weight):                                                  # new
-    """Algorithm 1's inner loop: encoder-only steps, the first on x (as the released code), the rest
-    on fresh random minibatches, until the loss per word (per image) over a window of `window` steps
-    exceeds the previous window's, or `inner_steps` steps. Returns how many steps it took."""
-    pool = dataset.batches("train", args.batch_size, shuffle=True)   # the dataset's generator: resumable
+def encoder_steps(x, kl_weight, pool):                                            # new
+    """Algorithm 1's inner loop: encoder-only steps, the first on x, the rest on minibatches drawn at
+    random (with replacement, as He et al.'s code) from `pool`, until the loss per word (per image) over
+    a window of `window` steps exceeds the previous window's, or `inner_steps` steps. Returns how many
+    steps it took. Draws from the dataset's generator, which checkpoints save: --resume is exact."""
     batch, window_loss, window_units, previous = x, 0.0, 0, math.inf
+    picks = torch.randint(len(pool), (args.inner_steps,), generator=dataset.generator).tolist()
     for step in range(1, args.inner_steps + 1):
         rec, kl = train_step(batch, kl_weight, update=("encoder",))
         window_loss = window_loss + (rec + kl_weight * kl).sum()       # stays on the device
@@ -78,7 +77,7 @@ def encoder_steps(x, kl_weight):                                                
             if current > previous:
                 break
             previous, window_loss, window_units = current, 0.0, 0
-        batch = pool[step % len(pool)]
+        batch = pool[picks[step - 1]]
     return step
 
 
@@ -89,12 +88,13 @@ for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1)
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     aggressive, inner_steps = state["aggressive"], 0                              # new
+    pool = dataset.batches("train", args.batch_size) if aggressive else None      # new: inner minibatches
     for x in dataset.batches("train", args.batch_size, shuffle=True):
         common.plot_posterior(args, state["step"], infer, decoder, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         update = ("encoder", "decoder")
         if aggressive:                         # new: the encoder catches up, then a decoder-only step
-            inner_steps += encoder_steps(x, kl_weight)
+            inner_steps += encoder_steps(x, kl_weight, pool)
             update = ("decoder",)
         rec, kl = train_step(x, kl_weight, update)
         state["step"] += 1
