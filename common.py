@@ -606,7 +606,7 @@ def take_eval_args(args, given, method):
         if key in given and key in saved and getattr(args, key) != saved[key]:
             fail(f"--{key} {getattr(args, key)} differs from the checkpoint's {saved[key]}: the model and its "
                  f"data come from {args.checkpoint}; drop --{key}")
-    own = RUN_FLAGS + ("save_dir", "epochs", "iw_samples", "val_iw_samples", "gaps", "print_every",
+    own = RUN_FLAGS + ("method", "save_dir", "epochs", "iw_samples", "val_iw_samples", "gaps", "print_every",
                        "plot_posterior", "cuda")
     for key, value in saved.items():
         if key not in given and key not in own and hasattr(args, key):
@@ -633,7 +633,7 @@ def take_resume_args(args, given, method):
                    "optimiser)") if key == "lr" else f"; drop --{key} to continue, or start a new run in another --save_dir"
             fail(f"--{key} {getattr(args, key)} differs from the run being resumed ({saved[key]}){how}")
     for key, value in saved.items():
-        if key not in given and key not in RUN_FLAGS + ("save_dir",) and hasattr(args, key):
+        if key not in given and key not in RUN_FLAGS + ("method", "save_dir") and hasattr(args, key):
             setattr(args, key, value)
 
 
