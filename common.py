@@ -632,8 +632,8 @@ def take_resume_args(args, given, method):
             how = ("; --lr may change only with --from_best (continue from the best weights with a fresh "
                    "optimiser)") if key == "lr" else f"; drop --{key} to continue, or start a new run in another --save_dir"
             fail(f"--{key} {getattr(args, key)} differs from the run being resumed ({saved[key]}){how}")
-    for key, value in saved.items():
-        if key not in given and key not in RUN_FLAGS + ("method", "save_dir") and hasattr(args, key):
+    for key, value in saved.items():            # the device is this machine's: never taken from the checkpoint
+        if key not in given and key not in RUN_FLAGS + ("method", "save_dir", "cuda") and hasattr(args, key):
             setattr(args, key, value)
 
 
