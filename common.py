@@ -5,10 +5,13 @@ Interfaces (DESIGN.md):
   decoder.log_prob(x, z) -> [batch, n] for z [batch, n, d]: log p(x|z) summed over tokens or pixels.
 Nothing here knows which method is training; the objectives live in the method scripts.
 """
+import argparse
 import contextlib
+import glob
 import json
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -372,6 +375,14 @@ def use_true_generator(args, dataset):
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
+def exp_or_inf(x):
+    """exp(x), inf where it overflows a float (x > 709.78): a perplexity that large is reported, not a crash."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def log_prob_chunked(decoder, x, z, max_floats=2 ** 25):
     """decoder.log_prob(x, z) for many samples z [batch, n, d], n split into chunks to bound memory."""
     chunk = max(1, max_floats // (x.shape[0] * decoder.cost_per_sample(x)))
@@ -429,7 +440,7 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
     nll, rec, kl, mi = (sums / num_examples).tolist()
     means = torch.cat(means)
     au = int((means.var(0) >= 0.01).sum()) if means.shape[1] > 0 and num_examples > 1 else 0
-    ppl = math.exp(sums[0].item() / num_tokens) if num_tokens else None
+    ppl = exp_or_inf(sums[0].item() / num_tokens) if num_tokens else None
     return {"nll": nll, "neg_elbo": rec + kl, "rec": rec, "kl": kl, "mi": mi, "au": au, "ppl": ppl,
             "iw_samples": iw_samples, "num_examples": num_examples}
 
@@ -493,9 +504,21 @@ def add_shared_args(parser):
     add("--seed", type=int, default=783435)
     add("--cuda", action="store_true", help="run on the GPU")
     add("--save_dir", default=None, help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
-    add("--eval_only", action="store_true", help="only evaluate --checkpoint on the test split")
+    add("--eval_only", action="store_true",
+        help="only evaluate --checkpoint's best weights on the test split; the metrics go to a new file "
+             "metrics_eval_METHOD_epochN.json in the checkpoint's folder (or --save_dir), never over another; "
+             "flags not given come from the checkpoint")
     add("--checkpoint", default=None, help="a model.pt to evaluate (with --eval_only)")
-    add("--resume", action="store_true", help="continue from SAVE_DIR/model.pt")
+    add("--cross_method", action="store_true",
+        help="with --eval_only: accept a checkpoint trained by another script; its weights are scored with "
+             "this script's inference, and the metrics file names the method that trained them")
+    add("--resume", action="store_true",
+        help="continue the run in SAVE_DIR (its model.pt); flags not given come from the checkpoint. "
+             f"Only {', '.join('--' + k for k in RESUME_MAY_CHANGE)} may differ from it "
+             "(--lr only with --from_best). A finished run is not trained further")
+    add("--from_best", action="store_true",
+        help="with --resume: continue from the best validation weights with a fresh optimiser and the lr of "
+             "--lr (e.g. after divergence: --resume --from_best --lr LOWER)")
     add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
     add("--gaps", type=int, default=0, metavar="N",
@@ -508,35 +531,162 @@ def add_shared_args(parser):
     return parser
 
 
+# --resume may change these flags (they do not change what is trained); every other flag given with --resume
+# must equal the checkpoint's. Flags about this command itself (RUN_FLAGS) are never taken from a checkpoint.
+RESUME_MAY_CHANGE = ("epochs", "print_every", "iw_samples", "val_iw_samples", "cuda", "save_dir", "data_dir",
+                     "gaps", "plot_posterior")
+RUN_FLAGS = ("resume", "eval_only", "checkpoint", "cross_method", "from_best")
+IMAGE_DATASETS = ("omniglot", "synthetic_images")
+LOADED = {}        # path -> checkpoint read by parse_args, handed to start (a checkpoint can be large: read once)
+
+
+def given_flags(parser):
+    """The dests of the flags given on the command line (not defaults): parsed again with every default
+    suppressed, so an absent flag leaves no attribute."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args()
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return set(vars(given))
+
+
 def parse_args(parser, method):
-    """Parse, fill from the dataset preset, pick the device, seed, and print the resolved arguments."""
+    """Parse, take the checkpoint's flags (--resume, --eval_only), fill from the dataset preset, check every
+    flag and the output folder before any work, pick the device, seed, and print the resolved arguments."""
     args = parser.parse_args()
+    given = given_flags(parser)
     args.method = method
+    if args.checkpoint and not args.eval_only:
+        fail("--checkpoint is read only with --eval_only; to continue training a run use --resume "
+             "(it reads SAVE_DIR/model.pt)")
+    if args.eval_only and args.resume:
+        fail("--eval_only and --resume exclude each other: --eval_only scores a checkpoint, --resume trains on")
+    if args.from_best and not args.resume:
+        fail("--from_best goes with --resume (continue a run from its best weights)")
+    if args.cross_method and not args.eval_only:
+        fail("--cross_method goes with --eval_only (score another method's checkpoint)")
     if args.eval_only:
-        if not args.checkpoint:
-            fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts)")
-        saved = load_checkpoint(args.checkpoint, "cpu")["args"]
-        for key in MODEL_KEYS:                       # the model's shape comes from the checkpoint
-            setattr(args, key, saved.get(key, getattr(args, key)))
+        take_eval_args(args, given, method)
+    elif args.resume:
+        take_resume_args(args, given, method)
     preset = {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
+    check_flags(args, method)
     if args.cuda and not torch.cuda.is_available():
         fail("--cuda was given but PyTorch sees no CUDA GPU here; drop --cuda to run on the CPU")
     args.device = torch.device("cuda" if args.cuda else "cpu")
-    if args.latent_dim < 0 or args.batch_size < 1 or args.iw_samples < 1:
-        fail("--latent_dim must be >= 0, --batch_size and --iw_samples >= 1")
-    if args.gaps < 0 or (args.gaps and args.latent_dim == 0 and not args.oracle):
-        fail("--gaps N needs N >= 0 and a latent (--latent_dim > 0)")
+    check_save_dir(args)
+    torch.manual_seed(args.seed)
+    print(f"{method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    if args.epochs == 0 and not args.eval_only:
+        print("note: --epochs 0 trains nothing: the test scores the initial weights", flush=True)
+    return args
+
+
+def take_eval_args(args, given, method):
+    """--eval_only: the model's shape, data and method flags come from the checkpoint; a shape or dataset given
+    on the command line must agree with it. Results go next to the checkpoint unless --save_dir is given."""
+    if not args.checkpoint:
+        fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts)")
+    payload = LOADED[args.checkpoint] = load_checkpoint(args.checkpoint, "cpu")
+    saved = payload["args"]
+    trained_by = saved.get("method", "?")
+    if trained_by != method and not args.cross_method:
+        fail(f"{args.checkpoint} was trained by {trained_by}.py; evaluate it with {trained_by}.py, or add "
+             f"--cross_method to score its weights with {method}.py's inference")
+    for key in MODEL_KEYS:
+        if key in given and key in saved and getattr(args, key) != saved[key]:
+            fail(f"--{key} {getattr(args, key)} differs from the checkpoint's {saved[key]}: the model and its "
+                 f"data come from {args.checkpoint}; drop --{key}")
+    own = RUN_FLAGS + ("method", "save_dir", "epochs", "iw_samples", "val_iw_samples", "gaps", "print_every",
+                       "plot_posterior", "cuda")
+    for key, value in saved.items():
+        if key not in given and key not in own and hasattr(args, key):
+            setattr(args, key, value)
+    args.save_dir = args.save_dir or os.path.dirname(args.checkpoint) or "."
+
+
+def take_resume_args(args, given, method):
+    """--resume: every flag not given comes from the checkpoint; a given flag may differ from it only if it is
+    in RESUME_MAY_CHANGE (and --lr with --from_best)."""
+    args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
+    path = os.path.join(args.save_dir, "model.pt")
+    if not os.path.exists(path):
+        fail(f"--resume found no checkpoint {path}: --resume continues the run in --save_dir; pass that run's "
+             f"folder as --save_dir, or drop --resume to start a new run")
+    payload = LOADED[path] = load_checkpoint(path, "cpu")
+    saved = payload["args"]
+    if saved.get("method") != method:
+        fail(f"{path} was trained by {saved.get('method')}.py; resume it with {saved.get('method')}.py")
+    may_change = RESUME_MAY_CHANGE + RUN_FLAGS + (("lr",) if args.from_best else ())
+    for key in sorted(given):
+        if key in saved and key not in may_change and getattr(args, key) != saved[key]:
+            how = ("; --lr may change only with --from_best (continue from the best weights with a fresh "
+                   "optimiser)") if key == "lr" else f"; drop --{key} to continue, or start a new run in another --save_dir"
+            fail(f"--{key} {getattr(args, key)} differs from the run being resumed ({saved[key]}){how}")
+    for key, value in saved.items():            # the device is this machine's: never taken from the checkpoint
+        if key not in given and key not in RUN_FLAGS + ("method", "save_dir", "cuda") and hasattr(args, key):
+            setattr(args, key, value)
+
+
+def check_flags(args, method):
+    """One clear line for a value no run can use, before any data is read."""
+    text = args.dataset not in IMAGE_DATASETS
+    checks = [
+        (args.epochs >= 0, "--epochs must be >= 0 (0: score the initial weights)"),
+        (args.train_size >= 0, "--train_size must be >= 0 (0: all training examples)"),
+        (args.batch_size >= 1, "--batch_size must be >= 1"),
+        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
+        (args.clip >= 0, "--clip must be >= 0 (0: off)"),
+        (args.latent_dim >= 0, "--latent_dim must be >= 0 (0: no latent)"),
+        (args.hidden_dim >= 1, "--hidden_dim must be >= 1"),
+        (args.emb_dim >= 1 or not text, "--emb_dim must be >= 1 for text"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.warmup >= 0 and args.kl_start >= 0, "--warmup and --kl_start must be >= 0"),
+        (args.patience >= 1, "--patience must be >= 1"),
+        (args.iw_samples >= 1 and args.val_iw_samples >= 1, "--iw_samples and --val_iw_samples must be >= 1"),
+        (args.print_every >= 1, "--print_every must be >= 1 (batches between progress lines)"),
+        (args.plot_posterior >= 0, "--plot_posterior N needs N >= 0 (0: off)"),
+        (args.gaps >= 0 and not (args.gaps and args.latent_dim == 0 and not args.oracle),
+         "--gaps N needs N >= 0 and a latent (--latent_dim > 0)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
     if args.oracle and method == "svi" and args.epochs and not args.eval_only:
         fail("svi.py learns only the decoder, which --oracle fixes to the true generator: nothing to train; "
              "add --epochs 0 to score SVI's inference with the true generator")
-    torch.manual_seed(args.seed)
-    print(f"{method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
-    return args
+
+
+def check_save_dir(args):
+    """Before any work: the output folder can be created and written, and a new run never lands in a folder
+    that holds another run (its checkpoint, log or metrics would be mixed or lost)."""
+    folder = args.save_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail(f"--save_dir {folder} is a file, not a folder; pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write_test")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --save_dir {folder} ({e.strerror or e}); pass a writable folder")
+    if args.resume or args.eval_only:
+        return
+    log = os.path.join(folder, "log.jsonl")
+    held = [name for name in ("model.pt", "metrics.json") if os.path.exists(os.path.join(folder, name))]
+    held += ["log.jsonl"] if os.path.exists(log) and os.path.getsize(log) > 0 else []
+    if held:
+        fail(f"{folder} already holds a run ({', '.join(held)}); add --resume to continue it, or pass a new "
+             f"--save_dir (nothing was changed)")
 
 
 def make_optimizer(params, args):
@@ -593,14 +743,77 @@ def schedule(state, val_loss, optimizers, patience):
 CHECKPOINT_FORMAT = "vi-checkpoint-1"
 
 
-def save_checkpoint(path, payload):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def first_line(error):
+    """An exception as one line (torch's write errors span several)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def save_checkpoint(path, payload, before_rename=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. before_rename
+    runs between the two: end_epoch appends the epoch's log line there, so a kill at any moment leaves the log
+    at most one epoch ahead of model.pt, and --resume drops that line. A failed write (disk full) removes the
+    temporary file, leaves model.pt as it was and stops with one line."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:       # torch reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"cannot write the checkpoint {path} ({first_line(e)}); model.pt keeps the last epoch it held: "
+             f"free space, then continue with --resume")
+
+
+def append_line(path, record):
+    """One JSON line, flushed to disk (it must be there before the checkpoint's rename)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path, obj):
+    """metrics.json of a training run: temporary file, then rename (never half written)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"cannot write {path} ({e.strerror or e}); the test metrics are printed above")
+
+
+def write_new_json(folder, stem, obj):
+    """A new file FOLDER/STEM.json, or STEM_2.json, STEM_3.json ... if taken: never over an existing file."""
+    for n in range(1, 10 ** 6):
+        path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}.json")
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot write {path} ({e.strerror or e}); the test metrics are printed above")
+        with os.fdopen(handle, "w") as f:
+            json.dump(obj, f, indent=1)
+        return path
+
+
+def free_name(folder, stem, suffix):
+    """FOLDER/STEM+SUFFIX, or STEM_2+SUFFIX ... : the first name not taken."""
+    for n in range(1, 10 ** 6):
+        path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}{suffix}")
+        if not os.path.exists(path):
+            return path
 
 
 def load_checkpoint(path, device):
+    if os.path.isdir(path):
+        fail(f"checkpoint {path} is a folder; pass the model.pt inside it ({os.path.join(path, 'model.pt')})")
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; train first or pass the path of a model.pt")
     try:
@@ -624,33 +837,119 @@ def set_rng_states(states, dataset):
         torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
-def start(args, dataset, modules, optimizers):
-    """A fresh training state, or the one saved in SAVE_DIR/model.pt with --resume.
-    With --eval_only, loads the checkpoint's best weights instead."""
-    os.makedirs(args.save_dir, exist_ok=True)
-    state = new_state(args)
-    path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
-    if not (args.resume or args.eval_only):
-        open(os.path.join(args.save_dir, "log.jsonl"), "w").close()
-        return state
-    payload = load_checkpoint(path, args.device)
-    if payload["vocab"] != getattr(dataset, "vocab", None):
-        fail(f"{path} was trained with another vocabulary than {args.data_dir}; use the same data")
-    which = "best_modules" if args.eval_only else "modules"
+def remove_stale_temporaries(folder):
+    """Partial model.pt.tmpPID / metrics.json.tmpPID files of processes that no longer run (killed while
+    writing): they can be as large as a checkpoint. A file of a live process is left alone."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
+        name, _, pid = os.path.basename(tmp).rpartition(".tmp")
+        if name not in ("model.pt", "metrics.json") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                               # still running
+        except ProcessLookupError:
+            pass
+        except OSError:                            # e.g. another user's process: alive
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+            print(f"removed {tmp}, left by process {pid} that stopped while writing it", flush=True)
+
+
+def load_modules(path, payload, which, modules):
+    """The weights `which` ('modules': latest, 'best_modules': best) of a checkpoint into modules."""
+    saved, trained_by = payload[which], payload["args"].get("method", "?")
     for name, module in modules.items():
-        module.load_state_dict(payload[which][name])
+        if name not in saved:
+            fail(f"{path} (trained by {trained_by}.py) has no {name}, only {', '.join(sorted(saved))}; "
+                 f"evaluate it with {trained_by}.py")
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as e:
+            fail(f"{path} does not fit this model ({first_line(e)}); evaluate it with {trained_by}.py")
+
+
+def keep_log_until(path, epoch):
+    """--resume: keep the log lines of the epochs the checkpoint holds. A later line (written just before a kill
+    stopped the checkpoint's rename) is dropped, as is a line cut off by a kill (with a warning)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, errors="replace") as f:
+        for line in f.read().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                print(f"warning: {path}: dropped a line cut off by an interrupted write ({line[:40]!r}...)", flush=True)
+                continue
+            if record.get("epoch", math.inf) <= epoch:
+                kept.append(line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def start(args, dataset, modules, optimizers):
+    """A fresh training state, or the one saved in SAVE_DIR/model.pt with --resume (a finished run is not
+    trained further: only a final test that did not complete is run again). With --eval_only, loads the
+    checkpoint's best weights instead. parse_args has checked the folder and the flags."""
+    remove_stale_temporaries(args.save_dir)
+    state = new_state(args)
+    log_path = os.path.join(args.save_dir, "log.jsonl")
+    if not (args.resume or args.eval_only):
+        open(log_path, "w").close()               # parse_args refused a folder that holds a run
+        return state
+    path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
+    payload = LOADED.pop(path, None) or load_checkpoint(path, args.device)
+    if payload["vocab"] != getattr(dataset, "vocab", None):
+        saved = payload["args"]
+        fail(f"{path} was trained with another vocabulary than {args.data_dir} gives with --train_size "
+             f"{args.train_size}; use the training run's --data_dir {saved.get('data_dir')} and --train_size "
+             f"{saved.get('train_size')}")
     if args.eval_only:
-        return {k: v for k, v in payload["state"].items()}
-    for name, opt in optimizers.items():
-        opt.load_state_dict(payload["optimizers"][name])
-    set_rng_states(payload["rng"], dataset)
+        load_modules(path, payload, "best_modules", modules)
+        return {**payload["state"], "trained_by": payload["args"].get("method", "?")}
     state = {**payload["state"], "best_modules": payload["best_modules"]}
-    log_path = os.path.join(args.save_dir, "log.jsonl")   # drop epochs logged after the checkpoint
-    lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-    with open(log_path, "w") as f:
-        f.writelines(line + "\n" for line in lines if json.loads(line)["epoch"] <= state["epoch"])
-    print(f"resumed from {path} after epoch {state['epoch']}", flush=True)
+    epoch, metrics_path = state["epoch"], os.path.join(args.save_dir, "metrics.json")
+    if state["decays"] >= MAX_DECAYS or epoch >= args.epochs:
+        why = f"after {MAX_DECAYS} lr halvings" if state["decays"] >= MAX_DECAYS else f"at --epochs {args.epochs}"
+        if os.path.exists(metrics_path):
+            print(f"{path}: the run finished {why} (epoch {epoch}) and wrote {metrics_path}: nothing to do "
+                  f"(--eval_only --checkpoint {path} scores it again, into a new file)", flush=True)
+            raise SystemExit(0)
+        print(f"{path}: the run finished {why} (epoch {epoch}); its final test did not complete: "
+              f"running only the final test", flush=True)
+        args.epochs = epoch                        # the epoch loop is then empty: no more training
+    elif os.path.exists(metrics_path):             # trained on to a larger --epochs: keep the earlier result
+        kept = free_name(args.save_dir, f"metrics_epoch{epoch}", ".json")
+        os.replace(metrics_path, kept)
+        print(f"training continues to --epochs {args.epochs}; the test metrics after epoch {epoch} moved to {kept}",
+              flush=True)
+    load_modules(path, payload, "best_modules" if args.from_best else "modules", modules)
+    if args.from_best:                             # optimisers are new, made with --lr
+        state["lr"], state["worse_epochs"] = args.lr, 0
+        print(f"resuming from the best weights (epoch {state.get('best_epoch', '?')}, validation -elbo "
+              f"{state['best_val']:.3f}) with a fresh optimiser at lr {args.lr:g}", flush=True)
+    else:
+        for name, opt in optimizers.items():
+            opt.load_state_dict(payload["optimizers"][name])
+    set_rng_states(payload["rng"], dataset)
+    keep_log_until(log_path, epoch)
+    print(f"resumed from {path} after epoch {epoch}", flush=True)
     return state
+
+
+def diverged(args, what, value, epoch, lr=None):
+    """Stop a run whose loss is no longer finite. Nothing of the diverged epoch is saved, so model.pt (if any)
+    holds the last good epoch, and the best weights can be trained on with a lower lr."""
+    checkpoint = os.path.join(args.save_dir, "model.pt")
+    if epoch > 1 and os.path.exists(checkpoint):
+        hint = (f"the diverged weights were not saved; {checkpoint} holds epoch {epoch - 1}: continue from the best "
+                f"weights with a lower lr: --resume --from_best --lr LOWER"
+                + (f" (the lr was {lr:g})" if lr is not None else ""))
+    else:
+        hint = "no checkpoint was written: start again with a lower --lr (or --clip)"
+    fail(f"{what} became {value} in epoch {epoch}; {hint}")
 
 
 class Meter:
@@ -675,34 +974,36 @@ class Meter:
     def result(self):
         rec, kl = (self.sums / max(self.examples, 1)).tolist()
         if not math.isfinite(rec + kl):
-            fail(f"training loss became {rec + kl} in epoch {self.epoch}; lower --lr or --clip "
-                 f"(checkpoints of finished epochs are in {self.args.save_dir})")
+            diverged(self.args, "training loss", rec + kl, self.epoch)
         return {"neg_elbo": rec + kl, "rec": rec, "kl": kl}
 
 
 def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **extra):
-    """After validation: lr schedule, checkpoint (the latest state and the best weights), log line.
-    Returns True when training should stop (5 lr decays)."""
+    """After validation: lr schedule, log line, checkpoint (the latest state and the best weights).
+    A non-finite loss stops the run before anything is saved. Returns True when training should stop
+    (5 lr decays)."""
     train = meter.result()
+    for key in ("neg_elbo", "nll"):
+        if not math.isfinite(val[key]):
+            diverged(args, f"validation {key.replace('_', '-')}", val[key], epoch, state["lr"])
     state["epoch"] = epoch
     state["train_seconds"] += meter.end - meter.start
     best = schedule(state, val["neg_elbo"], optimizers, args.patience)
     current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                for name, m in modules.items()}
     if best:
-        state["best_modules"] = current
+        state["best_modules"], state["best_epoch"] = current, epoch
+    record = {"epoch": epoch, "lr": state["lr"], "kl_weight": kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size)),
+              "seconds": time.time() - meter.start, "train": train,
+              "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")}, **extra}
+    log_path = os.path.join(args.save_dir, "log.jsonl")
     save_checkpoint(os.path.join(args.save_dir, "model.pt"), {
         "format": CHECKPOINT_FORMAT, "args": {k: v for k, v in vars(args).items() if k != "device"},
         "vocab": getattr(dataset, "vocab", None), "modules": current,
         "state": {k: v for k, v in state.items() if k != "best_modules"},
         "best_modules": state["best_modules"],
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-        "rng": rng_states(dataset)})
-    record = {"epoch": epoch, "lr": state["lr"], "kl_weight": kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size)),
-              "seconds": time.time() - meter.start, "train": train,
-              "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")}, **extra}
-    with open(os.path.join(args.save_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        "rng": rng_states(dataset)}, before_rename=lambda: append_line(log_path, record))
     print(f"epoch {epoch}: train -elbo {train['neg_elbo']:.3f} | val nll {val['nll']:.3f} "
           f"-elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
           f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
@@ -710,7 +1011,8 @@ def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **ex
 
 
 def final_test(args, state, infer, decoder, dataset, modules):
-    """Evaluate the best weights on the test split with iw_samples; write and print metrics.json."""
+    """Evaluate the best weights on the test split with iw_samples; print, then write metrics.json (with
+    --eval_only a new file metrics_eval_METHOD_epochN.json that names the checkpoint)."""
     if "best_modules" in state:                    # training ran: test the best weights
         for name, module in modules.items():
             module.load_state_dict(state["best_modules"][name])
@@ -723,9 +1025,16 @@ def final_test(args, state, infer, decoder, dataset, modules):
     if args.gaps:                                  # an extra key; the others stay as they are
         metrics["gaps"] = gaps(infer, decoder, dataset.batches("test", args.batch_size), args.gaps,
                                args.latent_dim, args.iw_samples, args.seed)
-    with open(os.path.join(args.save_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    if args.eval_only:                             # extra keys: which weights these are
+        metrics.update(checkpoint=args.checkpoint, checkpoint_epoch=state["epoch"], trained_by=state["trained_by"])
     print("test: " + json.dumps(metrics), flush=True)
+    if args.eval_only:
+        other = f"_from_{state['trained_by']}" if state["trained_by"] != args.method else ""
+        path = write_new_json(args.save_dir, f"metrics_eval_{args.method}{other}_epoch{state['epoch']}", metrics)
+    else:
+        path = os.path.join(args.save_dir, "metrics.json")
+        write_json(path, metrics)
+    print(f"wrote {path}", flush=True)
     return metrics
 
 
@@ -892,6 +1201,8 @@ def plot_posterior(args, step, infer, decoder, dataset, count=500, final=False):
     folder = os.path.join(args.save_dir, "posterior")
     os.makedirs(folder, exist_ok=True)
     name = f"{step:07d}" + ("_final" if final else "")
+    if args.eval_only:          # the checkpoint's folder holds the training run's own pictures: never over them
+        name = os.path.basename(free_name(folder, f"{step:07d}_eval_{args.method}", ".json"))[:-len(".json")]
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(points, f)
     draw_posterior(points, os.path.join(folder, f"{name}.png"))

@@ -19,6 +19,7 @@ from common import LSTMDecoder, fail
 SPECIALS = ["<s>", "</s>", "<unk>"]
 BOS, EOS, UNK = 0, 1, 2
 UNK_WORDS = {"<unk>", "_UNK"}        # PTB and the Yang et al. corpora already mark rare words
+MARKERS = {"<s>", "</s>"}            # the sentence boundaries are added by encode, never read from the text
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 SOURCES = {
     "yahoo": "the Yahoo Answers corpus of Yang et al. (2017), distributed with the code of "
@@ -81,15 +82,22 @@ def find_split_file(data_dir, dataset, split):
             fail(f"{data_dir} holds several {split} files ({', '.join(found)}); keep one")
         if found:
             return found[0]
-    fail(f"no {split} file for --dataset {dataset}: expected {os.path.join(data_dir, split + '.txt')} "
+    where = "" if os.path.isabs(data_dir) else f" (relative to the current folder {os.getcwd()})"
+    fail(f"no {split} file for --dataset {dataset}: expected {os.path.join(data_dir, split + '.txt')}{where} "
          f"(or {dataset}.{split}.txt). It is {SOURCES[dataset]}; set --data_dir to its folder")
 
 
 def read_sentences(path):
-    """Token lists, one per non-blank line, with an optional leading 'label<TAB>' removed;
-    also returns how many blank lines were skipped."""
+    """Token lists, one per non-blank line, with an optional leading 'label<TAB>' removed; also returns how
+    many blank lines were skipped. A UTF-8 byte-order mark is dropped (it is not part of the first word);
+    bytes that are not UTF-8 are read as U+FFFD, with a warning that counts them."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    undecodable = raw.decode("utf-8", errors="replace").count("\ufffd") - raw.count("\ufffd".encode())
+    if undecodable:
+        print(f"warning: {path}: {undecodable} undecodable byte sequences (not UTF-8) read as U+FFFD", flush=True)
     sentences, blank = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             head, tab, rest = line.partition("\t")
             if tab and head.strip().lstrip("-").isdigit():
@@ -101,12 +109,17 @@ def read_sentences(path):
                 blank += 1
     if not sentences:
         fail(f"{path} has no sentences (it is empty or blank); expected one sentence per line")
+    literal = sum(w in MARKERS for s in sentences for w in s)
+    if literal:
+        print(f"warning: {path}: {literal} literal <s> / </s> tokens read as <unk> (every sentence gets its own "
+              f"<s> and </s>)", flush=True)
     return sentences, blank
 
 
 def build_vocab(sentences):
-    """Special tokens, then training words by frequency (ties alphabetical); unk markers map to <unk>."""
-    counts = collections.Counter(w for s in sentences for w in s if w not in UNK_WORDS)
+    """Special tokens, then training words by frequency (ties alphabetical); unk markers map to <unk>, and
+    literal <s> / </s> in the text are not words (they map to <unk>: one vocabulary entry per token)."""
+    counts = collections.Counter(w for s in sentences for w in s if w not in UNK_WORDS and w not in MARKERS)
     return SPECIALS + sorted(counts, key=lambda w: (-counts[w], w))
 
 
@@ -119,13 +132,14 @@ def load_text(args):
     for split in SPLIT_NAMES:
         path = find_split_file(args.data_dir, args.dataset, split)
         words[split], blank = read_sentences(path)
-        lines.append(f"{split} {len(words[split])} sentences from {path}"
-                     + (f" ({blank} blank lines skipped)" if blank else ""))
-    if args.train_size:
-        words["train"] = words["train"][:args.train_size]
+        in_file = len(words[split])
+        if split == "train" and args.train_size:
+            words["train"] = words["train"][:args.train_size]
+        used = f"{len(words[split])} of {in_file}" if len(words[split]) < in_file else f"{in_file}"
+        lines.append(f"{split} {used} sentences from {path}" + (f" ({blank} blank lines skipped)" if blank else ""))
     vocab = build_vocab(words["train"])
     index = {w: i for i, w in enumerate(vocab)}
-    index.update({w: UNK for w in UNK_WORDS})
+    index.update({w: UNK for w in UNK_WORDS | MARKERS})
     print("data: " + "; ".join(lines) + f"; vocabulary {len(vocab)}", flush=True)
     return TextData({split: encode(s, index) for split, s in words.items()}, vocab, args.seed, args.device)
 
@@ -181,7 +195,8 @@ def load(args):
     if args.dataset == "synthetic_oracle":
         return load_synthetic_oracle(args)
     if not os.path.isdir(args.data_dir):
-        fail(f"data folder {args.data_dir} does not exist; --dataset {args.dataset} needs "
+        where = "" if os.path.isabs(args.data_dir) else f" (relative to the current folder {os.getcwd()})"
+        fail(f"data folder {args.data_dir}{where} does not exist; --dataset {args.dataset} needs "
              f"{SOURCES[args.dataset]} there (or pass --data_dir)")
     return load_omniglot(args) if args.dataset == "omniglot" else load_text(args)
 

@@ -29,6 +29,8 @@ method.add_argument("--window", type=int, default=None,
                          "(default 15 for text, 10 for images, as He et al.'s code; --window 100 with "
                          "--inner_steps 100 is a fixed budget of 100 steps)")
 args = common.parse_args(parser, "lagging")
+if args.latent_dim < 1 or args.inner_steps < 1 or (args.window is not None and args.window < 1):
+    common.fail("lagging.py needs --latent_dim >= 1 (an encoder to train), --inner_steps >= 1 and --window >= 1")
 
 dataset = data.load(args)
 args.window = args.window or (10 if dataset.kind == "image" else 15)             # new

@@ -226,8 +226,9 @@ def test_smoke_runs_through_the_command_line(tmp_path, text_dir):
 
 def test_metrics_come_from_the_scripts_own_inference(monkeypatch, tmp_path, text_dir):
     def metrics(script, *argv):                # the test evaluation of the untrained model (--epochs 0)
-        load_script(script, monkeypatch, tmp_path, text_dir, *argv)
-        return {k: v for k, v in read_metrics(tmp_path / script).items() if k not in ("method", "train_seconds")}
+        folder = tmp_path / f"{script}{len(argv)}{argv[-1] if argv else ''}"   # a new folder per run: never reused
+        load_script(script, monkeypatch, tmp_path, text_dir, *argv, "--save_dir", folder)
+        return {k: v for k, v in read_metrics(folder).items() if k not in ("method", "train_seconds")}
     vae = metrics("vae.py")
     assert metrics("savae.py", "--svi_steps", "0") == vae
     assert metrics("savae.py", "--svi_steps", "3", "--svi_lr", "0.5")["kl"] != pytest.approx(vae["kl"], rel=1e-3)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, TINY_TEXT, read_metrics, run_script
+from conftest import METRIC_KEYS, TINY, TINY_TEXT, read_metrics, run_script
 
 
 def without_time(metrics):
@@ -30,7 +30,10 @@ def test_text_folder_and_eval_only(tmp_path, text_dir):
     proc = run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, "--eval_only",
                       "--checkpoint", tmp_path / "t" / "model.pt", "--iw_samples", "4",
                       "--batch_size", "4", "--save_dir", tmp_path / "e")
-    evaluated = read_metrics(tmp_path / "e")
+    # a new file that names the weights; the training run's metrics.json is never touched
+    evaluated = json.loads((tmp_path / "e" / "metrics_eval_vae_epoch1.json").read_text())
+    assert set(evaluated) == METRIC_KEYS | {"checkpoint", "checkpoint_epoch", "trained_by"}
+    assert evaluated["trained_by"] == "vae" and evaluated["checkpoint_epoch"] == 1
     assert "latent_dim=2" in proc.stdout                   # the model's shape came from the checkpoint
     assert evaluated["kl"] == pytest.approx(trained["kl"], rel=1e-5)   # same weights, same q
 
