@@ -6,6 +6,7 @@ A sentence is stored as [<s>, w_1, ..., w_n, </s>]. Batches hold sentences of eq
 is no padding; every sentence is used exactly once per epoch and the batch order is shuffled from
 the seed by the dataset's own generator (saved in checkpoints, so a resumed run sees the same batches).
 """
+import argparse
 import collections
 import glob
 import math
@@ -369,7 +370,6 @@ def export_text(name, folder):
     """Writes FOLDER/{train,valid,test}.txt for a built-in text dataset: one sentence per line, words
     separated by spaces, without <s> and </s> (every reader adds its own). Files are written to a
     temporary name and renamed; an existing file is never overwritten. Returns the paths."""
-    import argparse
     if name not in BUILT_IN_TEXT:
         fail(f"--export takes a built-in text dataset ({', '.join(BUILT_IN_TEXT)}), not {name}")
     paths = {split: os.path.join(folder, f"{split}.txt") for split in SPLIT_NAMES}
@@ -391,7 +391,6 @@ def export_text(name, folder):
 
 
 if __name__ == "__main__":
-    import argparse
     parser = argparse.ArgumentParser(description="Write a built-in text dataset as train.txt, valid.txt, "
                                                  "test.txt (one sentence per line), e.g. to run another "
                                                  "codebase on exactly our data.")

@@ -117,7 +117,7 @@ def test_savae_gradient_in_float32_where_clipping_acts(monkeypatch, tmp_path, hv
     for p in [*encoder.parameters(), *decoder.parameters()]:
         p.grad = None
     torch.manual_seed(3)
-    ns["train_step"](x, 1.0)                     # --clip 0 and lr ... the step is taken; the .grad stays
+    ns["train_step"](x, 1.0)                     # --clip 0: .grad holds the raw gradient after the step
     got = grads([encoder, decoder])
     n = len(list(encoder.parameters()))
     for part in (slice(0, n), slice(n, None)):                       # encoder, decoder
