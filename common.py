@@ -1,9 +1,20 @@
-"""What every method shares: networks, Gaussian math, metrics, evaluation, arguments, checkpoints, logs.
+"""What every method shares. The objectives and inference procedures live in the method scripts; a
+function here gets everything it needs as arguments (or the shared flags every script takes).
 
-Interfaces (DESIGN.md):
+Parts, in this order (each starts with a line "# N. TITLE"):
+  1. Gaussian math         reparameterize, sample_q, kl_normal, log_normal, log_prior, neg_entropy
+  2. Networks              text: LSTMEncoder, LSTMDecoder (+ replayable dropout), NoEncoder;
+                           images: ResNetEncoder, PixelCNNDecoder, MLPEncoder, MLPDecoder; build_model
+  3. SVI pieces            svi_objective, clip_rows, svi_generator, trainable (svi.py and savae.py)
+  4. Evaluation            evaluate (IW-NLL, -ELBO, KL, MI, AU, PPL), log_prob_chunked
+  5. Gaps and posteriors   gaps (Cremer et al. 2018), grid_log_px; plot_posterior (He et al. 2019, Fig. 2)
+  6. Arguments             PRESETS, add_shared_args, parse_args and its checks
+  7. Training              make_optimizer, clip_grad, kl_weight, Meter, schedule
+  8. Runs on disk          start, epochs, end_epoch, final_test; checkpoints, log.jsonl, metrics.json
+
+Interfaces (docs/design.md):
   encoder(x) -> (mean, logvar), each [batch, d]
   decoder.log_prob(x, z) -> [batch, n] for z [batch, n, d]: log p(x|z) summed over tokens or pixels.
-Nothing here knows which method is training; the objectives live in the method scripts.
 """
 import argparse
 import contextlib
@@ -26,8 +37,9 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Gaussian math. q = N(mean, diag(exp(logvar))), prior p(z) = N(0, I).
+# ====================================================================================================
+# 1. Gaussian math. q = N(mean, diag(exp(logvar))), prior p(z) = N(0, I).
+# ====================================================================================================
 
 def reparameterize(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps: [batch, n, d]."""
@@ -69,6 +81,11 @@ def neg_entropy(logvar):
     return -0.5 * (LOG_2PI + 1 + logvar).sum(-1)
 
 
+# ====================================================================================================
+# 2. Networks. Text: LSTMs over words. Images: binary 28x28, every decoder scoring x with a Bernoulli
+# likelihood computed from logits (binary_cross_entropy_with_logits: exact, no clamping).
+# ====================================================================================================
+
 def dropout(t, p, training, generator=None):
     """Dropout whose mask can come from a local generator, so a step can be replayed with the same
     mask (SA-VAE's finite differences). Without a generator it is F.dropout."""
@@ -79,9 +96,6 @@ def dropout(t, p, training, generator=None):
     keep = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype) >= p
     return t * keep / (1 - p)
 
-
-# ----------------------------------------------------------------------------------------------
-# Networks for text.
 
 class LSTMEncoder(nn.Module):
     """Embeds the sentence, runs a one-layer LSTM; its last hidden state gives mean and logvar.
@@ -175,10 +189,6 @@ class LSTMDecoder(nn.Module):
             tokens.append(inputs)
         return torch.cat(tokens, 1)
 
-
-# ----------------------------------------------------------------------------------------------
-# Networks for binary 28x28 images. Every image decoder scores x with a Bernoulli likelihood computed
-# from logits (binary_cross_entropy_with_logits: exact, no clamping of probabilities).
 
 def bernoulli_log_prob(logits, x):
     """log p(x) per pixel for Bernoulli(sigmoid(logits))."""
@@ -330,11 +340,8 @@ class MLPDecoder(nn.Module):
 
 
 def build_model(args, dataset):
-    """The encoder and decoder for a dataset (text or images), sized from args.
-    With --oracle the decoder is the dataset's true generator, frozen (Kim et al. 2018, Sec. 5.1)."""
-    oracle = getattr(args, "oracle", False)
-    if oracle:
-        use_true_generator(args, dataset)
+    """The encoder and decoder for a dataset (text or images), sized from args. With --oracle the decoder is
+    the dataset's true generator, frozen (Kim et al. 2018, Sec. 5.1); parse_args gave args its sizes."""
     if args.latent_dim == 0:
         encoder = NoEncoder()
     elif dataset.kind == "image":
@@ -351,29 +358,48 @@ def build_model(args, dataset):
     else:
         decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout,
                               bias=bool(args.bias))
-    if oracle:
+    if args.oracle:      # built above all the same, so that the random streams are those of a learned decoder
         decoder = dataset.true_decoder             # requires_grad False: make_optimizer leaves it out
     return encoder.to(args.device), decoder.to(args.device)
 
 
-def use_true_generator(args, dataset):
-    """--oracle: check that the data has a known generator and give the model its sizes (the encoder is
-    sized from the same flags, as in Kim et al.), saying which flags that changes."""
-    true = getattr(dataset, "true_decoder", None)
-    if true is None:
-        fail(f"--oracle needs data whose generator is known (--dataset synthetic_oracle); {args.dataset} has none")
-    sizes = {"latent_dim": true.latent_dim, "emb_dim": true.embed.embedding_dim, "hidden_dim": true.lstm.hidden_size}
-    changed = [f"{key} {getattr(args, key)} -> {value}" for key, value in sizes.items() if getattr(args, key) != value]
-    if changed:
-        print("--oracle: the model takes the true generator's sizes: " + ", ".join(changed), flush=True)
-    for key, value in sizes.items():
-        setattr(args, key, value)
-    for p in true.parameters():
-        p.requires_grad_(False)
+# ====================================================================================================
+# 3. SVI pieces that svi.py and savae.py share. The steps themselves (Kim et al. 2018, Alg. 2), and SA-VAE's
+# backward loop through them, are in those scripts.
+# Per example: the objective of the steps is the SUM of the sentences' -ELBOs, so row i of its gradient is
+# sentence i's own, and clipping (mean and logvar separately) acts row by row: no sentence's steps depend on
+# the batch size or on the other sentences. Kim et al.'s objective was the batch MEAN, so their step on a
+# sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
+# ====================================================================================================
+
+def trainable(module):
+    """The parameters that get gradients (not those of --oracle's frozen generator)."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation.
+def svi_generator(device):
+    """A local generator for one batch's SVI steps, seeded from the global CPU RNG (read, never reseeded):
+    runs stay repeatable and resumable, and each step's eps and dropout masks can be replayed."""
+    return torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, ())))
+
+
+def svi_objective(decoder, x, mean, logvar, kl_weight, generator):
+    """f_i = -ELBO of each example with one sample, KL weighted as in training: [batch]. eps, then the
+    dropout masks, come from `generator`, so restoring its state replays the evaluation exactly."""
+    z = reparameterize(mean, logvar, 1, generator)
+    return -decoder.log_prob(x, z, generator)[:, 0] + kl_weight * kl_normal(mean, logvar)
+
+
+def clip_rows(g, max_norm):
+    """Each row of g scaled to norm at most max_norm (0: off)."""
+    if max_norm <= 0:
+        return g
+    return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
+
+
+# ====================================================================================================
+# 4. Evaluation: every method scored the same way, with its own inference.
+# ====================================================================================================
 
 def exp_or_inf(x):
     """exp(x), inf where it overflows a float (x > 709.78): a perplexity that large is reported, not a crash."""
@@ -445,607 +471,19 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
             "iw_samples": iw_samples, "num_examples": num_examples}
 
 
-# ----------------------------------------------------------------------------------------------
-# Arguments. A dataset preset fills every flag the user did not give; explicit flags win.
-
-TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
-                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2, bias=1)
-PRESETS = {
-    # He et al. 2019, Appendix B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO.
-    # He et al.'s text networks have no bias in the (mean, logvar) map, the z -> state map or the vocabulary
-    # projection (bias 0); with those biases, aggressive training collapsed in every seed we ran (README).
-    "synthetic": dict(epochs=20, batch_size=16, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=1,
-                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0, patience=2, bias=0),
-    # Kim et al. 2018 / He et al. 2019 text setting, with the 0.1 -> 1 KL annealing over 10 epochs.
-    "yahoo": TEXT_PRESET, "yelp": TEXT_PRESET, "ptb": TEXT_PRESET, "text": TEXT_PRESET,
-    # Omniglot (He et al. 2019, Table 2): ResNet encoder, 13-layer gated PixelCNN with 64 maps, d = 32,
-    # Adam lr 1e-3, batch 50, standard ELBO. hidden_dim is the PixelCNN's feature maps.
-    "omniglot": dict(epochs=500, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=32,
-                     emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
-    # Kim et al. 2018, Sec. 5.1 (data from an oracle generator, d = 2). Their App. B.1 as far as known (unverified):
-    # learned model with 100-dim embeddings and 100-unit LSTMs, batch 50, SGD lr 1, clip 5, no dropout, 100 epochs
-    # with KL annealing. Ours: Adam lr 1e-3 (SGD lr 1 diverges when the decoder is the sharp true generator, and
-    # one optimiser serves both columns), the standard ELBO and 3 epochs, to fit a CPU.
-    "synthetic_oracle": dict(epochs=3, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=2,
-                             emb_dim=100, hidden_dim=100, dropout=0.0, warmup=0, kl_start=1.0, patience=2, bias=1),
-    # The image path at CPU size: same networks, few maps.
-    "synthetic_images": dict(epochs=10, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=4,
-                             emb_dim=0, hidden_dim=16, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
-}
-MLP_PRESET = dict(latent_dim=50, hidden_dim=200)   # --image_net mlp: Burda et al. 2016's 784-200-200-50
-MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "bias", "oracle")
-
-
-def add_shared_args(parser):
-    """The flags every method script takes, in the same order everywhere (DESIGN.md)."""
-    add = parser.add_argument
-    add("--dataset", default="synthetic", choices=sorted(PRESETS), help="data and its preset")
-    add("--data_dir", default=None, help="folder of the corpus (default data/DATASET)")
-    add("--train_size", type=int, default=0, help="use the first N training examples (0: all)")
-    add("--epochs", type=int, help="at most this many epochs (training also stops after 5 lr decays)")
-    add("--batch_size", type=int)
-    add("--lr", type=float, help="learning rate of the model parameters")
-    add("--optimizer", choices=["sgd", "adam"])
-    add("--clip", type=float, help="clip the gradient norm of encoder and decoder together (0: off)")
-    add("--latent_dim", type=int, help="d; 0 trains the autoregressive baseline with no latent")
-    add("--emb_dim", type=int)
-    add("--hidden_dim", type=int)
-    add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
-    add("--bias", type=int, choices=[0, 1],
-        help="text networks: 1 gives the (mean, logvar) map, the z -> state map and the vocabulary projection "
-             "biases (Kim et al.'s code); 0 leaves them out (He et al.'s code; the synthetic preset)")
-    add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn",
-        help="images: ResNet encoder + gated PixelCNN decoder, or Burda et al.'s MLPs")
-    add("--oracle", action="store_true",
-        help="fix the decoder to the data's true generator (synthetic_oracle): only inference is learned")
-    add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
-    add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
-    add("--patience", type=int, help="halve the lr after this many epochs without a better validation -ELBO")
-    add("--seed", type=int, default=783435)
-    add("--cuda", action="store_true", help="run on the GPU")
-    add("--save_dir", default=None, help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
-    add("--eval_only", action="store_true",
-        help="only evaluate --checkpoint's best weights on the test split; the metrics go to a new file "
-             "metrics_eval_METHOD_epochN.json in the checkpoint's folder (or --save_dir), never over another; "
-             "flags not given come from the checkpoint")
-    add("--checkpoint", default=None, help="a model.pt to evaluate (with --eval_only)")
-    add("--cross_method", action="store_true",
-        help="with --eval_only: accept a checkpoint trained by another script; its weights are scored with "
-             "this script's inference, and the metrics file names the method that trained them")
-    add("--resume", action="store_true",
-        help="continue the run in SAVE_DIR (its model.pt); flags not given come from the checkpoint. "
-             f"Only {', '.join('--' + k for k in RESUME_MAY_CHANGE)} may differ from it "
-             "(--lr only with --from_best). A finished run is not trained further")
-    add("--from_best", action="store_true",
-        help="with --resume: continue from the best validation weights with a fresh optimiser and the lr of "
-             "--lr (e.g. after divergence: --resume --from_best --lr LOWER)")
-    add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
-    add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
-    add("--gaps", type=int, default=0, metavar="N",
-        help="after testing, the amortization and approximation gaps (Cremer et al. 2018) on the first N test "
-             "examples (0: off); log p(x) on a grid when latent_dim <= 2")
-    add("--print_every", type=int, default=200, help="print progress every N training batches")
-    add("--plot_posterior", type=int, default=0, metavar="N",
-        help="every N training steps (and at step 0) save the posterior-mean-space picture of "
-             "He et al. Fig. 2 to SAVE_DIR/posterior/ (latent_dim 1; needs matplotlib)")
-    return parser
-
-
-# --resume may change these flags (they do not change what is trained); every other flag given with --resume
-# must equal the checkpoint's. Flags about this command itself (RUN_FLAGS) are never taken from a checkpoint.
-RESUME_MAY_CHANGE = ("epochs", "print_every", "iw_samples", "val_iw_samples", "cuda", "save_dir", "data_dir",
-                     "gaps", "plot_posterior")
-RUN_FLAGS = ("resume", "eval_only", "checkpoint", "cross_method", "from_best")
-IMAGE_DATASETS = ("omniglot", "synthetic_images")
-LOADED = {}        # path -> checkpoint read by parse_args, handed to start (a checkpoint can be large: read once)
-
-
-def given_flags(parser):
-    """The dests of the flags given on the command line (not defaults): parsed again with every default
-    suppressed, so an absent flag leaves no attribute."""
-    defaults = {action: action.default for action in parser._actions}
-    try:
-        for action in defaults:
-            action.default = argparse.SUPPRESS
-        given, _ = parser.parse_known_args()
-    finally:
-        for action, default in defaults.items():
-            action.default = default
-    return set(vars(given))
-
-
-def parse_args(parser, method):
-    """Parse, take the checkpoint's flags (--resume, --eval_only), fill from the dataset preset, check every
-    flag and the output folder before any work, pick the device, seed, and print the resolved arguments."""
-    args = parser.parse_args()
-    given = given_flags(parser)
-    args.method = method
-    if args.checkpoint and not args.eval_only:
-        fail("--checkpoint is read only with --eval_only; to continue training a run use --resume "
-             "(it reads SAVE_DIR/model.pt)")
-    if args.eval_only and args.resume:
-        fail("--eval_only and --resume exclude each other: --eval_only scores a checkpoint, --resume trains on")
-    if args.from_best and not args.resume:
-        fail("--from_best goes with --resume (continue a run from its best weights)")
-    if args.cross_method and not args.eval_only:
-        fail("--cross_method goes with --eval_only (score another method's checkpoint)")
-    if args.eval_only:
-        take_eval_args(args, given, method)
-    elif args.resume:
-        take_resume_args(args, given, method)
-    preset = {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
-    args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
-    check_flags(args, method)
-    if args.cuda and not torch.cuda.is_available():
-        fail("--cuda was given but PyTorch sees no CUDA GPU here; drop --cuda to run on the CPU")
-    args.device = torch.device("cuda" if args.cuda else "cpu")
-    check_save_dir(args)
-    torch.manual_seed(args.seed)
-    print(f"{method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
-    if args.epochs == 0 and not args.eval_only:
-        print("note: --epochs 0 trains nothing: the test scores the initial weights", flush=True)
-    return args
-
-
-def take_eval_args(args, given, method):
-    """--eval_only: the model's shape, data and method flags come from the checkpoint; a shape or dataset given
-    on the command line must agree with it. Results go next to the checkpoint unless --save_dir is given."""
-    if not args.checkpoint:
-        fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts)")
-    payload = LOADED[args.checkpoint] = load_checkpoint(args.checkpoint, "cpu")
-    saved = payload["args"]
-    trained_by = saved.get("method", "?")
-    if trained_by != method and not args.cross_method:
-        fail(f"{args.checkpoint} was trained by {trained_by}.py; evaluate it with {trained_by}.py, or add "
-             f"--cross_method to score its weights with {method}.py's inference")
-    for key in MODEL_KEYS:
-        if key in given and key in saved and getattr(args, key) != saved[key]:
-            fail(f"--{key} {getattr(args, key)} differs from the checkpoint's {saved[key]}: the model and its "
-                 f"data come from {args.checkpoint}; drop --{key}")
-    own = RUN_FLAGS + ("method", "save_dir", "epochs", "iw_samples", "val_iw_samples", "gaps", "print_every",
-                       "plot_posterior", "cuda")
-    for key, value in saved.items():
-        if key not in given and key not in own and hasattr(args, key):
-            setattr(args, key, value)
-    args.save_dir = args.save_dir or os.path.dirname(args.checkpoint) or "."
-
-
-def take_resume_args(args, given, method):
-    """--resume: every flag not given comes from the checkpoint; a given flag may differ from it only if it is
-    in RESUME_MAY_CHANGE (and --lr with --from_best)."""
-    args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
-    path = os.path.join(args.save_dir, "model.pt")
-    if not os.path.exists(path):
-        fail(f"--resume found no checkpoint {path}: --resume continues the run in --save_dir; pass that run's "
-             f"folder as --save_dir, or drop --resume to start a new run")
-    payload = LOADED[path] = load_checkpoint(path, "cpu")
-    saved = payload["args"]
-    if saved.get("method") != method:
-        fail(f"{path} was trained by {saved.get('method')}.py; resume it with {saved.get('method')}.py")
-    may_change = RESUME_MAY_CHANGE + RUN_FLAGS + (("lr",) if args.from_best else ())
-    for key in sorted(given):
-        if key in saved and key not in may_change and getattr(args, key) != saved[key]:
-            how = ("; --lr may change only with --from_best (continue from the best weights with a fresh "
-                   "optimiser)") if key == "lr" else f"; drop --{key} to continue, or start a new run in another --save_dir"
-            fail(f"--{key} {getattr(args, key)} differs from the run being resumed ({saved[key]}){how}")
-    for key, value in saved.items():            # the device is this machine's: never taken from the checkpoint
-        if key not in given and key not in RUN_FLAGS + ("method", "save_dir", "cuda") and hasattr(args, key):
-            setattr(args, key, value)
-
-
-def check_flags(args, method):
-    """One clear line for a value no run can use, before any data is read."""
-    text = args.dataset not in IMAGE_DATASETS
-    checks = [
-        (args.epochs >= 0, "--epochs must be >= 0 (0: score the initial weights)"),
-        (args.train_size >= 0, "--train_size must be >= 0 (0: all training examples)"),
-        (args.batch_size >= 1, "--batch_size must be >= 1"),
-        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
-        (args.clip >= 0, "--clip must be >= 0 (0: off)"),
-        (args.latent_dim >= 0, "--latent_dim must be >= 0 (0: no latent)"),
-        (args.hidden_dim >= 1, "--hidden_dim must be >= 1"),
-        (args.emb_dim >= 1 or not text, "--emb_dim must be >= 1 for text"),
-        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.warmup >= 0 and args.kl_start >= 0, "--warmup and --kl_start must be >= 0"),
-        (args.patience >= 1, "--patience must be >= 1"),
-        (args.iw_samples >= 1 and args.val_iw_samples >= 1, "--iw_samples and --val_iw_samples must be >= 1"),
-        (args.print_every >= 1, "--print_every must be >= 1 (batches between progress lines)"),
-        (args.plot_posterior >= 0, "--plot_posterior N needs N >= 0 (0: off)"),
-        (args.gaps >= 0 and not (args.gaps and args.latent_dim == 0 and not args.oracle),
-         "--gaps N needs N >= 0 and a latent (--latent_dim > 0)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-    if args.oracle and method == "svi" and args.epochs and not args.eval_only:
-        fail("svi.py learns only the decoder, which --oracle fixes to the true generator: nothing to train; "
-             "add --epochs 0 to score SVI's inference with the true generator")
-
-
-def check_save_dir(args):
-    """Before any work: the output folder can be created and written, and a new run never lands in a folder
-    that holds another run (its checkpoint, log or metrics would be mixed or lost)."""
-    folder = args.save_dir
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        fail(f"--save_dir {folder} is a file, not a folder; pass a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write_test")
-        os.close(handle)
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write to --save_dir {folder} ({e.strerror or e}); pass a writable folder")
-    if args.resume or args.eval_only:
-        return
-    log = os.path.join(folder, "log.jsonl")
-    held = [name for name in ("model.pt", "metrics.json") if os.path.exists(os.path.join(folder, name))]
-    held += ["log.jsonl"] if os.path.exists(log) and os.path.getsize(log) > 0 else []
-    if held:
-        fail(f"{folder} already holds a run ({', '.join(held)}); add --resume to continue it, or pass a new "
-             f"--save_dir (nothing was changed)")
-
-
-def make_optimizer(params, args):
-    """SGD or Adam over the parameters that require gradients (never --oracle's frozen generator). With none
-    (svi.py --oracle), an empty parameter group keeps the lr schedule and the checkpoints working."""
-    params = [p for p in params if p.requires_grad] or [{"params": []}]
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr)
-    return torch.optim.SGD(params, lr=args.lr)
-
-
-def clip_grad(modules, clip):
-    """Clip the gradient norm of all the modules' parameters together, as both papers' code does."""
-    if clip > 0:
-        nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], clip)
-
-
-def kl_weight(args, step, steps_per_epoch):
-    """KL annealing: linear from kl_start to 1 over `warmup` epochs, updated every step."""
-    if args.warmup <= 0:
-        return 1.0
-    return min(1.0, args.kl_start + (1.0 - args.kl_start) * step / (args.warmup * steps_per_epoch))
-
-
-# ----------------------------------------------------------------------------------------------
-# Training state: the lr schedule, checkpoints, logs.
-
-def new_state(args):
-    return {"epoch": 0, "step": 0, "lr": args.lr, "best_val": math.inf, "worse_epochs": 0,
-            "decays": 0, "train_seconds": 0.0}
-
-
-MAX_DECAYS = 5
-
-
-def schedule(state, val_loss, optimizers, patience):
-    """The papers' lr schedule: halve the lr of every optimiser when validation has not improved for
-    `patience` epochs (end_epoch stops training after 5 halvings). Returns whether val is the best so far."""
-    best = val_loss < state["best_val"]
-    if best:
-        state["best_val"], state["worse_epochs"] = val_loss, 0
-    else:
-        state["worse_epochs"] += 1
-        if state["worse_epochs"] >= patience:
-            state["lr"] /= 2
-            state["decays"] += 1
-            state["worse_epochs"] = 0
-            for opt in optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = state["lr"]
-    return best
-
-
-CHECKPOINT_FORMAT = "vi-checkpoint-1"
-
-
-def first_line(error):
-    """An exception as one line (torch's write errors span several)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def save_checkpoint(path, payload, before_rename=None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. before_rename
-    runs between the two: end_epoch appends the epoch's log line there, so a kill at any moment leaves the log
-    at most one epoch ahead of model.pt, and --resume drops that line. A failed write (disk full) removes the
-    temporary file, leaves model.pt as it was and stops with one line."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(payload, tmp)
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:       # torch reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        fail(f"cannot write the checkpoint {path} ({first_line(e)}); model.pt keeps the last epoch it held: "
-             f"free space, then continue with --resume")
-
-
-def append_line(path, record):
-    """One JSON line, flushed to disk (it must be there before the checkpoint's rename)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path, obj):
-    """metrics.json of a training run: temporary file, then rename (never half written)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        fail(f"cannot write {path} ({e.strerror or e}); the test metrics are printed above")
-
-
-def write_new_json(folder, stem, obj):
-    """A new file FOLDER/STEM.json, or STEM_2.json, STEM_3.json ... if taken: never over an existing file."""
-    for n in range(1, 10 ** 6):
-        path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}.json")
-        try:
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            fail(f"cannot write {path} ({e.strerror or e}); the test metrics are printed above")
-        with os.fdopen(handle, "w") as f:
-            json.dump(obj, f, indent=1)
-        return path
-
-
-def free_name(folder, stem, suffix):
-    """FOLDER/STEM+SUFFIX, or STEM_2+SUFFIX ... : the first name not taken."""
-    for n in range(1, 10 ** 6):
-        path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}{suffix}")
-        if not os.path.exists(path):
-            return path
-
-
-def load_checkpoint(path, device):
-    if os.path.isdir(path):
-        fail(f"checkpoint {path} is a folder; pass the model.pt inside it ({os.path.join(path, 'model.pt')})")
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist; train first or pass the path of a model.pt")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is not a model.pt written by these scripts")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint written by these scripts (no '{CHECKPOINT_FORMAT}' marker)")
-    return payload
-
-
-def rng_states(dataset):
-    return {"torch": torch.get_rng_state(), "data": dataset.generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_states(states, dataset):
-    torch.set_rng_state(states["torch"].cpu())
-    dataset.generator.set_state(states["data"].cpu())
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
-
-
-def remove_stale_temporaries(folder):
-    """Partial model.pt.tmpPID / metrics.json.tmpPID files of processes that no longer run (killed while
-    writing): they can be as large as a checkpoint. A file of a live process is left alone."""
-    for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
-        name, _, pid = os.path.basename(tmp).rpartition(".tmp")
-        if name not in ("model.pt", "metrics.json") or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue                               # still running
-        except ProcessLookupError:
-            pass
-        except OSError:                            # e.g. another user's process: alive
-            continue
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-            print(f"removed {tmp}, left by process {pid} that stopped while writing it", flush=True)
-
-
-def load_modules(path, payload, which, modules):
-    """The weights `which` ('modules': latest, 'best_modules': best) of a checkpoint into modules."""
-    saved, trained_by = payload[which], payload["args"].get("method", "?")
-    for name, module in modules.items():
-        if name not in saved:
-            fail(f"{path} (trained by {trained_by}.py) has no {name}, only {', '.join(sorted(saved))}; "
-                 f"evaluate it with {trained_by}.py")
-        try:
-            module.load_state_dict(saved[name])
-        except RuntimeError as e:
-            fail(f"{path} does not fit this model ({first_line(e)}); evaluate it with {trained_by}.py")
-
-
-def keep_log_until(path, epoch):
-    """--resume: keep the log lines of the epochs the checkpoint holds. A later line (written just before a kill
-    stopped the checkpoint's rename) is dropped, as is a line cut off by a kill (with a warning)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, errors="replace") as f:
-        for line in f.read().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                print(f"warning: {path}: dropped a line cut off by an interrupted write ({line[:40]!r}...)", flush=True)
-                continue
-            if record.get("epoch", math.inf) <= epoch:
-                kept.append(line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def start(args, dataset, modules, optimizers):
-    """A fresh training state, or the one saved in SAVE_DIR/model.pt with --resume (a finished run is not
-    trained further: only a final test that did not complete is run again). With --eval_only, loads the
-    checkpoint's best weights instead. parse_args has checked the folder and the flags."""
-    remove_stale_temporaries(args.save_dir)
-    state = new_state(args)
-    log_path = os.path.join(args.save_dir, "log.jsonl")
-    if not (args.resume or args.eval_only):
-        open(log_path, "w").close()               # parse_args refused a folder that holds a run
-        return state
-    path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
-    payload = LOADED.pop(path, None) or load_checkpoint(path, args.device)
-    if payload["vocab"] != getattr(dataset, "vocab", None):
-        saved = payload["args"]
-        fail(f"{path} was trained with another vocabulary than {args.data_dir} gives with --train_size "
-             f"{args.train_size}; use the training run's --data_dir {saved.get('data_dir')} and --train_size "
-             f"{saved.get('train_size')}")
-    if args.eval_only:
-        load_modules(path, payload, "best_modules", modules)
-        return {**payload["state"], "trained_by": payload["args"].get("method", "?")}
-    state = {**payload["state"], "best_modules": payload["best_modules"]}
-    epoch, metrics_path = state["epoch"], os.path.join(args.save_dir, "metrics.json")
-    if state["decays"] >= MAX_DECAYS or epoch >= args.epochs:
-        why = f"after {MAX_DECAYS} lr halvings" if state["decays"] >= MAX_DECAYS else f"at --epochs {args.epochs}"
-        if os.path.exists(metrics_path):
-            print(f"{path}: the run finished {why} (epoch {epoch}) and wrote {metrics_path}: nothing to do "
-                  f"(--eval_only --checkpoint {path} scores it again, into a new file)", flush=True)
-            raise SystemExit(0)
-        print(f"{path}: the run finished {why} (epoch {epoch}); its final test did not complete: "
-              f"running only the final test", flush=True)
-        args.epochs = epoch                        # the epoch loop is then empty: no more training
-    elif os.path.exists(metrics_path):             # trained on to a larger --epochs: keep the earlier result
-        kept = free_name(args.save_dir, f"metrics_epoch{epoch}", ".json")
-        os.replace(metrics_path, kept)
-        print(f"training continues to --epochs {args.epochs}; the test metrics after epoch {epoch} moved to {kept}",
-              flush=True)
-    load_modules(path, payload, "best_modules" if args.from_best else "modules", modules)
-    if args.from_best:                             # optimisers are new, made with --lr
-        state["lr"], state["worse_epochs"] = args.lr, 0
-        print(f"resuming from the best weights (epoch {state.get('best_epoch', '?')}, validation -elbo "
-              f"{state['best_val']:.3f}) with a fresh optimiser at lr {args.lr:g}", flush=True)
-    else:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(payload["optimizers"][name])
-    set_rng_states(payload["rng"], dataset)
-    keep_log_until(log_path, epoch)
-    print(f"resumed from {path} after epoch {epoch}", flush=True)
-    return state
-
-
-def diverged(args, what, value, epoch, lr=None):
-    """Stop a run whose loss is no longer finite. Nothing of the diverged epoch is saved, so model.pt (if any)
-    holds the last good epoch, and the best weights can be trained on with a lower lr."""
-    checkpoint = os.path.join(args.save_dir, "model.pt")
-    if epoch > 1 and os.path.exists(checkpoint):
-        hint = (f"the diverged weights were not saved; {checkpoint} holds epoch {epoch - 1}: continue from the best "
-                f"weights with a lower lr: --resume --from_best --lr LOWER"
-                + (f" (the lr was {lr:g})" if lr is not None else ""))
-    else:
-        hint = "no checkpoint was written: start again with a lower --lr (or --clip)"
-    fail(f"{what} became {value} in epoch {epoch}; {hint}")
-
-
-class Meter:
-    """Training sums kept on the device (no host sync per step); printed every `print_every` steps."""
-
-    def __init__(self, args, epoch):
-        self.args, self.epoch, self.start = args, epoch, time.time()
-        self.end = self.start                      # time of the last training step: train_seconds excludes validation
-        self.sums, self.examples, self.steps = torch.zeros(2, device=args.device), 0, 0
-
-    def add(self, rec, kl, kl_weight):
-        self.sums += torch.stack([rec.sum(), kl.sum()])
-        self.examples += rec.shape[0]
-        self.steps += 1
-        self.end = time.time()
-        if self.steps % self.args.print_every == 0:
-            r = self.result()
-            print(f"epoch {self.epoch} step {self.steps}: -elbo {r['neg_elbo']:.3f} rec {r['rec']:.3f} "
-                  f"kl {r['kl']:.3f} kl_weight {kl_weight:.3f} "
-                  f"{self.examples / (time.time() - self.start):.0f} examples/s", flush=True)
-
-    def result(self):
-        rec, kl = (self.sums / max(self.examples, 1)).tolist()
-        if not math.isfinite(rec + kl):
-            diverged(self.args, "training loss", rec + kl, self.epoch)
-        return {"neg_elbo": rec + kl, "rec": rec, "kl": kl}
-
-
-def end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers, **extra):
-    """After validation: lr schedule, log line, checkpoint (the latest state and the best weights).
-    A non-finite loss stops the run before anything is saved. Returns True when training should stop
-    (5 lr decays)."""
-    train = meter.result()
-    for key in ("neg_elbo", "nll"):
-        if not math.isfinite(val[key]):
-            diverged(args, f"validation {key.replace('_', '-')}", val[key], epoch, state["lr"])
-    state["epoch"] = epoch
-    state["train_seconds"] += meter.end - meter.start
-    best = schedule(state, val["neg_elbo"], optimizers, args.patience)
-    current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-               for name, m in modules.items()}
-    if best:
-        state["best_modules"], state["best_epoch"] = current, epoch
-    record = {"epoch": epoch, "lr": state["lr"], "kl_weight": kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size)),
-              "seconds": time.time() - meter.start, "train": train,
-              "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")}, **extra}
-    log_path = os.path.join(args.save_dir, "log.jsonl")
-    save_checkpoint(os.path.join(args.save_dir, "model.pt"), {
-        "format": CHECKPOINT_FORMAT, "args": {k: v for k, v in vars(args).items() if k != "device"},
-        "vocab": getattr(dataset, "vocab", None), "modules": current,
-        "state": {k: v for k, v in state.items() if k != "best_modules"},
-        "best_modules": state["best_modules"],
-        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-        "rng": rng_states(dataset)}, before_rename=lambda: append_line(log_path, record))
-    print(f"epoch {epoch}: train -elbo {train['neg_elbo']:.3f} | val nll {val['nll']:.3f} "
-          f"-elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
-          f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
-    return state["decays"] >= MAX_DECAYS
-
-
-def final_test(args, state, infer, decoder, dataset, modules):
-    """Evaluate the best weights on the test split with iw_samples; print, then write metrics.json (with
-    --eval_only a new file metrics_eval_METHOD_epochN.json that names the checkpoint)."""
-    if "best_modules" in state:                    # training ran: test the best weights
-        for name, module in modules.items():
-            module.load_state_dict(state["best_modules"][name])
-    for m in modules.values():
-        m.eval()
-    plot_posterior(args, state["step"], infer, decoder, dataset, final=True)
-    test = evaluate(infer, decoder, dataset.batches("test", args.batch_size), args.iw_samples)
-    metrics = {"method": args.method, "dataset": args.dataset, **test,
-               "train_seconds": state["train_seconds"]}
-    if args.gaps:                                  # an extra key; the others stay as they are
-        metrics["gaps"] = gaps(infer, decoder, dataset.batches("test", args.batch_size), args.gaps,
-                               args.latent_dim, args.iw_samples, args.seed)
-    if args.eval_only:                             # extra keys: which weights these are
-        metrics.update(checkpoint=args.checkpoint, checkpoint_epoch=state["epoch"], trained_by=state["trained_by"])
-    print("test: " + json.dumps(metrics), flush=True)
-    if args.eval_only:
-        other = f"_from_{state['trained_by']}" if state["trained_by"] != args.method else ""
-        path = write_new_json(args.save_dir, f"metrics_eval_{args.method}{other}_epoch{state['epoch']}", metrics)
-    else:
-        path = os.path.join(args.save_dir, "metrics.json")
-        write_json(path, metrics)
-    print(f"wrote {path}", flush=True)
-    return metrics
-
-
-# ----------------------------------------------------------------------------------------------
+# ====================================================================================================
+# 5. Gaps and posteriors.
 # The true log p(x) of a model with d <= 2 on a grid (Kim et al. 2018, Sec. 5.1), and the amortization and
 # approximation gaps of any trained model (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in VAEs"):
 #   log p(x) - ELBO(q_method) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_method)]
 #                             =  approximation gap    +    amortization gap
 # q* is the best Gaussian q for this x alone, found by optimising x's own (mean, logvar) from q_method.
+# The posterior mean space of He et al. 2019, Fig. 2, which makes posterior collapse visible.
+# ====================================================================================================
 
 GRID_RADIUS, GRID_STEP = 5.0, 0.2          # z in [-5, 5]^d: prior mass outside is about 1e-6 per axis
+
+
 GAP_STEPS, GAP_SAMPLES, GAP_LR = 200, 8, 0.05      # from a VAE's q: 200 steps within 0.003 nats of 400
 
 
@@ -1161,9 +599,6 @@ def gaps(infer, decoder, batches, count, latent_dim, samples, seed):
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# He et al. 2019, Figure 2: the posterior mean space, which makes posterior collapse visible.
-
 @torch.no_grad()
 def true_posterior_mean(decoder, x, grid):
     """E_p(z|x)[z] for a scalar latent, by discretising z on `grid` [G] and normalising
@@ -1226,34 +661,657 @@ def draw_posterior(points, path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pieces of the SVI steps that svi.py and savae.py share. The steps themselves (Kim et al. 2018, Alg. 2),
-# and SA-VAE's backward loop through them, are in those scripts.
-# Per example: the objective of the steps is the SUM of the sentences' -ELBOs, so row i of its gradient is
-# sentence i's own, and clipping (mean and logvar separately) acts row by row: no sentence's steps depend on
-# the batch size or on the other sentences. Kim et al.'s objective was the batch MEAN, so their step on a
-# sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
+# ====================================================================================================
+# 6. Arguments. A dataset preset fills every flag the user did not give; explicit flags win.
+# ====================================================================================================
 
-def trainable(module):
-    """The parameters that get gradients (not those of --oracle's frozen generator)."""
-    return [p for p in module.parameters() if p.requires_grad]
+TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
+                   emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2, bias=1)
 
 
-def svi_generator(device):
-    """A local generator for one batch's SVI steps, seeded from the global CPU RNG (read, never reseeded):
-    runs stay repeatable and resumable, and each step's eps and dropout masks can be replayed."""
-    return torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, ())))
+PRESETS = {
+    # He et al. 2019, Appendix B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO.
+    # He et al.'s text networks have no bias in the (mean, logvar) map, the z -> state map or the vocabulary
+    # projection (bias 0); with those biases, aggressive training collapsed in every seed we ran (docs/lagging_history.md).
+    "synthetic": dict(epochs=20, batch_size=16, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=1,
+                      emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0, patience=2, bias=0),
+    # Kim et al. 2018 / He et al. 2019 text setting, with the 0.1 -> 1 KL annealing over 10 epochs.
+    "yahoo": TEXT_PRESET, "yelp": TEXT_PRESET, "ptb": TEXT_PRESET, "text": TEXT_PRESET,
+    # Omniglot (He et al. 2019, Table 2): ResNet encoder, 13-layer gated PixelCNN with 64 maps, d = 32,
+    # Adam lr 1e-3, batch 50, standard ELBO. hidden_dim is the PixelCNN's feature maps.
+    "omniglot": dict(epochs=500, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=32,
+                     emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
+    # Kim et al. 2018, Sec. 5.1 (data from an oracle generator, d = 2). Their App. B.1 as far as known (unverified):
+    # learned model with 100-dim embeddings and 100-unit LSTMs, batch 50, SGD lr 1, clip 5, no dropout, 100 epochs
+    # with KL annealing. Ours: Adam lr 1e-3 (SGD lr 1 diverges when the decoder is the sharp true generator, and
+    # one optimiser serves both columns), the standard ELBO and 3 epochs, to fit a CPU.
+    "synthetic_oracle": dict(epochs=3, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=2,
+                             emb_dim=100, hidden_dim=100, dropout=0.0, warmup=0, kl_start=1.0, patience=2, bias=1),
+    # The image path at CPU size: same networks, few maps.
+    "synthetic_images": dict(epochs=10, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=4,
+                             emb_dim=0, hidden_dim=16, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
+}
+MLP_PRESET = dict(latent_dim=50, hidden_dim=200)   # --image_net mlp: Burda et al. 2016's 784-200-200-50
+ORACLE_SIZES = ("latent_dim", "emb_dim", "hidden_dim")   # --oracle: those of the true generator (its preset's)
+MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "bias", "oracle")
+IMAGE_DATASETS = ("omniglot", "synthetic_images")
 
 
-def svi_objective(decoder, x, mean, logvar, kl_weight, generator):
-    """f_i = -ELBO of each example with one sample, KL weighted as in training: [batch]. eps, then the
-    dropout masks, come from `generator`, so restoring its state replays the evaluation exactly."""
-    z = reparameterize(mean, logvar, 1, generator)
-    return -decoder.log_prob(x, z, generator)[:, 0] + kl_weight * kl_normal(mean, logvar)
+def preset_defaults(key):
+    """The defaults of a preset flag by dataset, for --help: 'synthetic 20; yahoo, yelp, ptb, text 100; ...'."""
+    by_value = {}
+    for name, preset in PRESETS.items():
+        by_value.setdefault(preset[key], []).append(name)
+    text = "; ".join(f"{', '.join(names)} {value:g}" if isinstance(value, float) else f"{', '.join(names)} {value}"
+                     for value, names in by_value.items())
+    mlp = f"; with --image_net mlp {MLP_PRESET[key]}" if key in MLP_PRESET else ""
+    return f"(default by --dataset: {text}{mlp})"
 
 
-def clip_rows(g, max_norm):
-    """Each row of g scaled to norm at most max_norm (0: off)."""
-    if max_norm <= 0:
-        return g
-    return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows the default of every flag: a preset flag's for each
+    dataset, any other's own."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.dest in PRESETS["synthetic"]:
+            return f"{text} {preset_defaults(action.dest)}".strip()
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "--help" not in action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_shared_args(parser):
+    """The flags every method script takes, in the same order everywhere (docs/design.md). A flag without a
+    default here takes it from the dataset's preset (PRESETS): --help lists them."""
+    add = parser.add_argument
+    add("--dataset", default="synthetic", choices=sorted(PRESETS), help="data and its preset")
+    add("--data_dir", default=None, help="folder of the corpus (default data/DATASET)")
+    add("--train_size", type=int, default=0, help="use the first N training examples (0: all)")
+    add("--epochs", type=int, help="at most this many epochs (training also stops after 5 lr decays)")
+    add("--batch_size", type=int, help="examples per training step")
+    add("--lr", type=float, help="learning rate of the model parameters")
+    add("--optimizer", choices=["sgd", "adam"], help="of the model parameters")
+    add("--clip", type=float, help="clip the gradient norm of encoder and decoder together (0: off)")
+    add("--latent_dim", type=int, help="d; 0 trains the autoregressive baseline with no latent")
+    add("--emb_dim", type=int, help="word embedding size (text)")
+    add("--hidden_dim", type=int, help="LSTM units (text); PixelCNN feature maps or MLP units (images)")
+    add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
+    add("--bias", type=int, choices=[0, 1],
+        help="text networks: 1 gives the (mean, logvar) map, the z -> state map and the vocabulary projection "
+             "biases (Kim et al.'s code); 0 leaves them out (He et al.'s code; the synthetic preset)")
+    add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn",
+        help="images: ResNet encoder + gated PixelCNN decoder, or Burda et al.'s MLPs")
+    add("--oracle", action="store_true",
+        help="fix the decoder to the data's true generator (synthetic_oracle): only inference is learned")
+    add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
+    add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
+    add("--patience", type=int, help="halve the lr after this many epochs without a better validation -ELBO")
+    add("--seed", type=int, default=783435)
+    add("--cuda", action="store_true", help="run on the GPU")
+    add("--save_dir", default=None, help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
+    add("--eval_only", action="store_true",
+        help="only evaluate --checkpoint's best weights on the test split; the metrics go to a new file "
+             "metrics_eval_METHOD_epochN.json in the checkpoint's folder (or --save_dir), never over another; "
+             "flags not given come from the checkpoint")
+    add("--checkpoint", default=None, help="a model.pt to evaluate (with --eval_only)")
+    add("--cross_method", action="store_true",
+        help="with --eval_only: accept a checkpoint trained by another script; its weights are scored with "
+             "this script's inference, and the metrics file names the method that trained them")
+    add("--resume", action="store_true",
+        help="continue the run in SAVE_DIR (its model.pt); flags not given come from the checkpoint. "
+             f"Only {', '.join('--' + k for k in RESUME_MAY_CHANGE)} may differ from it "
+             "(--lr only with --from_best). A finished run is not trained further")
+    add("--from_best", action="store_true",
+        help="with --resume: continue from the best validation weights with a fresh optimiser and the lr of "
+             "--lr (e.g. after divergence: --resume --from_best --lr LOWER)")
+    add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
+    add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
+    add("--gaps", type=int, default=0, metavar="N",
+        help="after testing, the amortization and approximation gaps (Cremer et al. 2018) on the first N test "
+             "examples (0: off); log p(x) on a grid when latent_dim <= 2")
+    add("--print_every", type=int, default=200, help="print progress every N training batches")
+    add("--plot_posterior", type=int, default=0, metavar="N",
+        help="every N training steps (and at step 0) save the posterior-mean-space picture of "
+             "He et al. Fig. 2 to SAVE_DIR/posterior/ (latent_dim 1; needs matplotlib)")
+    return parser
+
+
+
+# --resume may change these flags (they do not change what is trained); every other flag given with --resume
+# must equal the checkpoint's. Flags about this command itself (RUN_FLAGS) are never taken from a checkpoint.
+RESUME_MAY_CHANGE = ("epochs", "print_every", "iw_samples", "val_iw_samples", "cuda", "save_dir", "data_dir",
+                     "gaps", "plot_posterior")
+
+
+RUN_FLAGS = ("resume", "eval_only", "checkpoint", "cross_method", "from_best")
+
+
+LOADED = {}        # path -> checkpoint read by parse_args, handed to start (a checkpoint can be large: read once)
+
+
+
+def given_flags(parser):
+    """The dests of the flags given on the command line (not defaults): parsed again with every default
+    suppressed, so an absent flag leaves no attribute."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args()
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return set(vars(given))
+
+
+def parse_args(parser, method):
+    """Parse, take the checkpoint's flags (--resume, --eval_only), fill from the dataset preset, check every
+    flag and the output folder before any work, pick the device, seed, and print the resolved arguments."""
+    args = parser.parse_args()
+    given = given_flags(parser)
+    args.method = method
+    if args.checkpoint and not args.eval_only:
+        fail("--checkpoint is read only with --eval_only; to continue training a run use --resume "
+             "(it reads SAVE_DIR/model.pt)")
+    if args.eval_only and args.resume:
+        fail("--eval_only and --resume exclude each other: --eval_only scores a checkpoint, --resume trains on")
+    if args.from_best and not args.resume:
+        fail("--from_best goes with --resume (continue a run from its best weights)")
+    if args.cross_method and not args.eval_only:
+        fail("--cross_method goes with --eval_only (score another method's checkpoint)")
+    if args.eval_only:
+        take_eval_args(args, given, method)
+    elif args.resume:
+        take_resume_args(args, given, method)
+    preset = {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.oracle:
+        take_oracle_sizes(args, given)
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
+    check_flags(args)
+    if args.cuda and not torch.cuda.is_available():
+        fail("--cuda was given but PyTorch sees no CUDA GPU here; drop --cuda to run on the CPU")
+    args.device = torch.device("cuda" if args.cuda else "cpu")
+    check_save_dir(args)
+    torch.manual_seed(args.seed)
+    print(f"{method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    if args.epochs == 0 and not args.eval_only:
+        print("note: --epochs 0 trains nothing: the test scores the initial weights", flush=True)
+    return args
+
+
+def take_eval_args(args, given, method):
+    """--eval_only: the model's shape, data and method flags come from the checkpoint; a shape or dataset given
+    on the command line must agree with it. Results go next to the checkpoint unless --save_dir is given."""
+    if not args.checkpoint:
+        fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts)")
+    payload = LOADED[args.checkpoint] = load_checkpoint(args.checkpoint, "cpu")
+    saved = payload["args"]
+    trained_by = saved.get("method", "?")
+    if trained_by != method and not args.cross_method:
+        fail(f"{args.checkpoint} was trained by {trained_by}.py; evaluate it with {trained_by}.py, or add "
+             f"--cross_method to score its weights with {method}.py's inference")
+    for key in MODEL_KEYS:
+        if key in given and key in saved and getattr(args, key) != saved[key]:
+            fail(f"--{key} {getattr(args, key)} differs from the checkpoint's {saved[key]}: the model and its "
+                 f"data come from {args.checkpoint}; drop --{key}")
+    own = RUN_FLAGS + ("method", "save_dir", "epochs", "iw_samples", "val_iw_samples", "gaps", "print_every",
+                       "plot_posterior", "cuda")
+    for key, value in saved.items():
+        if key not in given and key not in own and hasattr(args, key):
+            setattr(args, key, value)
+    args.save_dir = args.save_dir or os.path.dirname(args.checkpoint) or "."
+
+
+def take_resume_args(args, given, method):
+    """--resume: every flag not given comes from the checkpoint; a given flag may differ from it only if it is
+    in RESUME_MAY_CHANGE (and --lr with --from_best)."""
+    args.save_dir = args.save_dir or os.path.join("runs", f"{method}-{args.dataset}")
+    path = os.path.join(args.save_dir, "model.pt")
+    if not os.path.exists(path):
+        fail(f"--resume found no checkpoint {path}: --resume continues the run in --save_dir; pass that run's "
+             f"folder as --save_dir, or drop --resume to start a new run")
+    payload = LOADED[path] = load_checkpoint(path, "cpu")
+    saved = payload["args"]
+    if saved.get("method") != method:
+        fail(f"{path} was trained by {saved.get('method')}.py; resume it with {saved.get('method')}.py")
+    may_change = RESUME_MAY_CHANGE + RUN_FLAGS + (("lr",) if args.from_best else ())
+    for key in sorted(given):
+        if key in saved and key not in may_change and getattr(args, key) != saved[key]:
+            how = ("; --lr may change only with --from_best (continue from the best weights with a fresh "
+                   "optimiser)") if key == "lr" else f"; drop --{key} to continue, or start a new run in another --save_dir"
+            fail(f"--{key} {getattr(args, key)} differs from the run being resumed ({saved[key]}){how}")
+    for key, value in saved.items():            # the device is this machine's: never taken from the checkpoint
+        if key not in given and key not in RUN_FLAGS + ("method", "save_dir", "cuda") and hasattr(args, key):
+            setattr(args, key, value)
+
+
+def take_oracle_sizes(args, given):
+    """--oracle: the decoder is synthetic_oracle's true generator, so the model takes its sizes (the encoder is
+    sized from the same flags, as in Kim et al.); a size given on the command line must agree."""
+    if args.dataset != "synthetic_oracle":
+        fail(f"--oracle needs data whose generator is known (--dataset synthetic_oracle); {args.dataset} has none")
+    for key in ORACLE_SIZES:
+        true = PRESETS["synthetic_oracle"][key]
+        if key in given and getattr(args, key) != true:
+            fail(f"--oracle fixes the decoder to the true generator, whose {key} is {true}; drop --{key}")
+        setattr(args, key, true)
+
+
+def check_flags(args):
+    """One clear line for a value no run can use, before any data is read."""
+    text = args.dataset not in IMAGE_DATASETS
+    checks = [
+        (args.epochs >= 0, "--epochs must be >= 0 (0: score the initial weights)"),
+        (args.train_size >= 0, "--train_size must be >= 0 (0: all training examples)"),
+        (args.batch_size >= 1, "--batch_size must be >= 1"),
+        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
+        (args.clip >= 0, "--clip must be >= 0 (0: off)"),
+        (args.latent_dim >= 0, "--latent_dim must be >= 0 (0: no latent)"),
+        (args.hidden_dim >= 1, "--hidden_dim must be >= 1"),
+        (args.emb_dim >= 1 or not text, "--emb_dim must be >= 1 for text"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.warmup >= 0 and args.kl_start >= 0, "--warmup and --kl_start must be >= 0"),
+        (args.patience >= 1, "--patience must be >= 1"),
+        (args.iw_samples >= 1 and args.val_iw_samples >= 1, "--iw_samples and --val_iw_samples must be >= 1"),
+        (args.print_every >= 1, "--print_every must be >= 1 (batches between progress lines)"),
+        (args.plot_posterior >= 0, "--plot_posterior N needs N >= 0 (0: off)"),
+        (args.gaps >= 0 and not (args.gaps and args.latent_dim == 0 and not args.oracle),
+         "--gaps N needs N >= 0 and a latent (--latent_dim > 0)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+def check_save_dir(args):
+    """Before any work: the output folder can be created and written, and a new run never lands in a folder
+    that holds another run (its checkpoint, log or metrics would be mixed or lost)."""
+    folder = args.save_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail(f"--save_dir {folder} is a file, not a folder; pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write_test")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --save_dir {folder} ({e.strerror or e}); pass a writable folder")
+    if args.resume or args.eval_only:
+        return
+    log = os.path.join(folder, "log.jsonl")
+    held = [name for name in ("model.pt", "metrics.json") if os.path.exists(os.path.join(folder, name))]
+    held += ["log.jsonl"] if os.path.exists(log) and os.path.getsize(log) > 0 else []
+    if held:
+        fail(f"{folder} already holds a run ({', '.join(held)}); add --resume to continue it, or pass a new "
+             f"--save_dir (nothing was changed)")
+
+
+# ====================================================================================================
+# 7. Training: optimisers, gradient clipping, KL annealing, the lr schedule, the progress meter.
+# ====================================================================================================
+
+def make_optimizer(params, args):
+    """SGD or Adam over the parameters that require gradients (never --oracle's frozen generator). With none
+    (svi.py --oracle), an empty parameter group keeps the lr schedule and the checkpoints working."""
+    params = [p for p in params if p.requires_grad] or [{"params": []}]
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr)
+    return torch.optim.SGD(params, lr=args.lr)
+
+
+def clip_grad(modules, clip):
+    """Clip the gradient norm of all the modules' parameters together, as both papers' code does."""
+    if clip > 0:
+        nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], clip)
+
+
+def kl_weight(args, step, steps_per_epoch):
+    """KL annealing: linear from kl_start to 1 over `warmup` epochs, updated every step."""
+    if args.warmup <= 0:
+        return 1.0
+    return min(1.0, args.kl_start + (1.0 - args.kl_start) * step / (args.warmup * steps_per_epoch))
+
+
+MAX_DECAYS = 5
+
+
+def schedule(state, val_loss, optimizers, patience):
+    """The papers' lr schedule: halve the lr of every optimiser when validation has not improved for
+    `patience` epochs (end_epoch stops training after 5 halvings). Returns whether val is the best so far."""
+    best = val_loss < state["best_val"]
+    if best:
+        state["best_val"], state["worse_epochs"] = val_loss, 0
+    else:
+        state["worse_epochs"] += 1
+        if state["worse_epochs"] >= patience:
+            state["lr"] /= 2
+            state["decays"] += 1
+            state["worse_epochs"] = 0
+            for opt in optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = state["lr"]
+    return best
+
+
+def diverged(args, what, value, epoch, lr=None):
+    """Stop a run whose loss is no longer finite. Nothing of the diverged epoch is saved, so model.pt (if any)
+    holds the last good epoch, and the best weights can be trained on with a lower lr."""
+    checkpoint = os.path.join(args.save_dir, "model.pt")
+    if epoch > 1 and os.path.exists(checkpoint):
+        hint = (f"the diverged weights were not saved; {checkpoint} holds epoch {epoch - 1}: continue from the best "
+                f"weights with a lower lr: --resume --from_best --lr LOWER"
+                + (f" (the lr was {lr:g})" if lr is not None else ""))
+    else:
+        hint = "no checkpoint was written: start again with a lower --lr (or --clip)"
+    fail(f"{what} became {value} in epoch {epoch}; {hint}")
+
+
+class Meter:
+    """An epoch's training quantities, per example, summed on the device (no host sync per step) and printed
+    by name every `print_every` steps: meter.add(kl_weight, neg_elbo=..., rec=..., kl=...), each a [batch]
+    tensor. Their means per example go to log.jsonl ("train"); a name neg_X prints as -X."""
+
+    def __init__(self, args, epoch):
+        self.args, self.epoch, self.start = args, epoch, time.time()
+        self.end = self.start                      # time of the last training step: train_seconds excludes validation
+        self.names, self.sums, self.examples, self.steps = [], None, 0, 0
+
+    def add(self, kl_weight, **per_example):
+        sums = torch.stack([v.detach().sum() for v in per_example.values()])
+        self.names, self.sums = list(per_example), sums if self.sums is None else self.sums + sums
+        self.examples += len(next(iter(per_example.values())))
+        self.steps += 1
+        self.end = time.time()
+        if self.steps % self.args.print_every == 0:
+            shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in self.result().items())
+            print(f"epoch {self.epoch} step {self.steps}: {shown} kl_weight {kl_weight:.3f} "
+                  f"{self.examples / (time.time() - self.start):.0f} examples/s", flush=True)
+
+    def result(self):
+        """{name: mean per example}; a value that is not finite stops the run (diverged)."""
+        if self.sums is None:
+            return {}
+        result = dict(zip(self.names, (self.sums / self.examples).tolist()))
+        for name, value in result.items():
+            if not math.isfinite(value):
+                diverged(self.args, f"training {name.replace('neg_', '-')}", value, self.epoch)
+        return result
+
+
+# ====================================================================================================
+# 8. Runs on disk: the training state, checkpoints (written atomically), log.jsonl, metrics.json.
+# ====================================================================================================
+
+def new_state(args):
+    return {"epoch": 0, "step": 0, "lr": args.lr, "best_val": math.inf, "worse_epochs": 0,
+            "decays": 0, "train_seconds": 0.0}
+
+
+def start(args, dataset, modules, optimizers):
+    """A fresh training state, or the one saved in SAVE_DIR/model.pt with --resume (a finished run is not
+    trained further: only a final test that did not complete is run again). With --eval_only, loads the
+    checkpoint's best weights instead. parse_args has checked the folder and the flags."""
+    remove_stale_temporaries(args.save_dir)
+    state = new_state(args)
+    log_path = os.path.join(args.save_dir, "log.jsonl")
+    if not (args.resume or args.eval_only):
+        open(log_path, "w").close()               # parse_args refused a folder that holds a run
+        return state
+    path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
+    payload = LOADED.pop(path, None) or load_checkpoint(path, args.device)
+    if payload["vocab"] != getattr(dataset, "vocab", None):
+        saved = payload["args"]
+        fail(f"{path} was trained with another vocabulary than {args.data_dir} gives with --train_size "
+             f"{args.train_size}; use the training run's --data_dir {saved.get('data_dir')} and --train_size "
+             f"{saved.get('train_size')}")
+    if args.eval_only:
+        load_modules(path, payload, "best_modules", modules)
+        return {**payload["state"], "trained_by": payload["args"].get("method", "?")}
+    state = {**payload["state"], "best_modules": payload["best_modules"]}
+    epoch, metrics_path = state["epoch"], os.path.join(args.save_dir, "metrics.json")
+    if state["decays"] >= MAX_DECAYS or epoch >= args.epochs:
+        why = f"after {MAX_DECAYS} lr halvings" if state["decays"] >= MAX_DECAYS else f"at --epochs {args.epochs}"
+        if os.path.exists(metrics_path):
+            print(f"{path}: the run finished {why} (epoch {epoch}) and wrote {metrics_path}: nothing to do "
+                  f"(--eval_only --checkpoint {path} scores it again, into a new file)", flush=True)
+            raise SystemExit(0)
+        print(f"{path}: the run finished {why} (epoch {epoch}); its final test did not complete: "
+              f"running only the final test", flush=True)
+    elif os.path.exists(metrics_path):             # trained on to a larger --epochs: keep the earlier result
+        kept = free_name(args.save_dir, f"metrics_epoch{epoch}", ".json")
+        os.replace(metrics_path, kept)
+        print(f"training continues to --epochs {args.epochs}; the test metrics after epoch {epoch} moved to {kept}",
+              flush=True)
+    load_modules(path, payload, "best_modules" if args.from_best else "modules", modules)
+    if args.from_best:                             # optimisers are new, made with --lr
+        state["lr"], state["worse_epochs"] = args.lr, 0
+        print(f"resuming from the best weights (epoch {state.get('best_epoch', '?')}, validation -elbo "
+              f"{state['best_val']:.3f}) with a fresh optimiser at lr {args.lr:g}", flush=True)
+    else:
+        for name, opt in optimizers.items():
+            opt.load_state_dict(payload["optimizers"][name])
+    set_rng_states(payload["rng"], dataset)
+    keep_log_until(log_path, epoch)
+    print(f"resumed from {path} after epoch {epoch}", flush=True)
+    return state
+
+
+def epochs(args, state):
+    """The epochs still to train: after the state's epoch up to --epochs, none after 5 lr halvings (or a run
+    that already finished them), none with --eval_only. end_epoch advances state["epoch"]."""
+    while not args.eval_only and state["epoch"] < args.epochs and state["decays"] < MAX_DECAYS:
+        yield state["epoch"] + 1
+
+
+def end_epoch(args, state, meter, val, *, dataset, modules, optimizers, log=None):
+    """After validation (val: evaluate's dict): the lr schedule, the log line (the meter's training means,
+    validation, and any other named quantities in `log`), the checkpoint (the latest state and the best
+    weights). A non-finite loss stops the run before anything is saved."""
+    epoch, train = meter.epoch, meter.result()
+    for key in ("neg_elbo", "nll"):
+        if not math.isfinite(val[key]):
+            diverged(args, f"validation {key.replace('_', '-')}", val[key], epoch, state["lr"])
+    state["epoch"] = epoch
+    state["train_seconds"] += meter.end - meter.start
+    best = schedule(state, val["neg_elbo"], optimizers, args.patience)
+    current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+               for name, m in modules.items()}
+    if best:
+        state["best_modules"], state["best_epoch"] = current, epoch
+    record = {"epoch": epoch, "lr": state["lr"], "kl_weight": kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size)),
+              "seconds": time.time() - meter.start, "train": train,
+              "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")}, **(log or {})}
+    log_path = os.path.join(args.save_dir, "log.jsonl")
+    save_checkpoint(os.path.join(args.save_dir, "model.pt"), {
+        "format": CHECKPOINT_FORMAT, "args": {k: v for k, v in vars(args).items() if k != "device"},
+        "vocab": getattr(dataset, "vocab", None), "modules": current,
+        "state": {k: v for k, v in state.items() if k != "best_modules"},
+        "best_modules": state["best_modules"],
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "rng": rng_states(dataset)}, before_rename=lambda: append_line(log_path, record))
+    shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in list(train.items())[:1])
+    print(f"epoch {epoch}: train {shown} | val nll {val['nll']:.3f} "
+          f"-elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
+          f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
+
+
+def final_test(args, state, infer, decoder, dataset, modules):
+    """Evaluate the best weights on the test split with iw_samples; print, then write metrics.json (with
+    --eval_only a new file metrics_eval_METHOD_epochN.json that names the checkpoint)."""
+    if "best_modules" in state:                    # training ran: test the best weights
+        for name, module in modules.items():
+            module.load_state_dict(state["best_modules"][name])
+    for m in modules.values():
+        m.eval()
+    plot_posterior(args, state["step"], infer, decoder, dataset, final=True)
+    test = evaluate(infer, decoder, dataset.batches("test", args.batch_size), args.iw_samples)
+    metrics = {"method": args.method, "dataset": args.dataset, **test,
+               "train_seconds": state["train_seconds"]}
+    if args.gaps:                                  # an extra key; the others stay as they are
+        metrics["gaps"] = gaps(infer, decoder, dataset.batches("test", args.batch_size), args.gaps,
+                               args.latent_dim, args.iw_samples, args.seed)
+    if args.eval_only:                             # extra keys: which weights these are
+        metrics.update(checkpoint=args.checkpoint, checkpoint_epoch=state["epoch"], trained_by=state["trained_by"])
+    print("test: " + json.dumps(metrics), flush=True)
+    if args.eval_only:
+        other = f"_from_{state['trained_by']}" if state["trained_by"] != args.method else ""
+        path = write_new_json(args.save_dir, f"metrics_eval_{args.method}{other}_epoch{state['epoch']}", metrics)
+    else:
+        path = os.path.join(args.save_dir, "metrics.json")
+        write_json(path, metrics)
+    print(f"wrote {path}", flush=True)
+    return metrics
+
+
+CHECKPOINT_FORMAT = "vi-checkpoint-1"
+
+
+def first_line(error):
+    """An exception as one line (torch's write errors span several)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def save_checkpoint(path, payload, before_rename=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. before_rename
+    runs between the two: end_epoch appends the epoch's log line there, so a kill at any moment leaves the log
+    at most one epoch ahead of model.pt, and --resume drops that line. A failed write (disk full) removes the
+    temporary file, leaves model.pt as it was and stops with one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:       # torch reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"cannot write the checkpoint {path} ({first_line(e)}); model.pt keeps the last epoch it held: "
+             f"free space, then continue with --resume")
+
+
+def load_checkpoint(path, device):
+    if os.path.isdir(path):
+        fail(f"checkpoint {path} is a folder; pass the model.pt inside it ({os.path.join(path, 'model.pt')})")
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist; train first or pass the path of a model.pt")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is not a model.pt written by these scripts")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint written by these scripts (no '{CHECKPOINT_FORMAT}' marker)")
+    return payload
+
+
+def load_modules(path, payload, which, modules):
+    """The weights `which` ('modules': latest, 'best_modules': best) of a checkpoint into modules."""
+    saved, trained_by = payload[which], payload["args"].get("method", "?")
+    for name, module in modules.items():
+        if name not in saved:
+            fail(f"{path} (trained by {trained_by}.py) has no {name}, only {', '.join(sorted(saved))}; "
+                 f"evaluate it with {trained_by}.py")
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as e:
+            fail(f"{path} does not fit this model ({first_line(e)}); evaluate it with {trained_by}.py")
+
+
+def rng_states(dataset):
+    return {"torch": torch.get_rng_state(), "data": dataset.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states, dataset):
+    torch.set_rng_state(states["torch"].cpu())
+    dataset.generator.set_state(states["data"].cpu())
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+def remove_stale_temporaries(folder):
+    """Partial model.pt.tmpPID / metrics.json.tmpPID files of processes that no longer run (killed while
+    writing): they can be as large as a checkpoint. A file of a live process is left alone."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
+        name, _, pid = os.path.basename(tmp).rpartition(".tmp")
+        if name not in ("model.pt", "metrics.json") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                               # still running
+        except ProcessLookupError:
+            pass
+        except OSError:                            # e.g. another user's process: alive
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+            print(f"removed {tmp}, left by process {pid} that stopped while writing it", flush=True)
+
+
+def keep_log_until(path, epoch):
+    """--resume: keep the log lines of the epochs the checkpoint holds. A later line (written just before a kill
+    stopped the checkpoint's rename) is dropped, as is a line cut off by a kill (with a warning)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, errors="replace") as f:
+        for line in f.read().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                print(f"warning: {path}: dropped a line cut off by an interrupted write ({line[:40]!r}...)", flush=True)
+                continue
+            if record.get("epoch", math.inf) <= epoch:
+                kept.append(line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def append_line(path, record):
+    """One JSON line, flushed to disk (it must be there before the checkpoint's rename)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path, obj):
+    """metrics.json of a training run: temporary file, then rename (never half written)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"cannot write {path} ({e.strerror or e}); the test metrics are printed above")
+
+
+def write_new_json(folder, stem, obj):
+    """A new file FOLDER/STEM.json, or STEM_2.json, STEM_3.json ... if taken: never over an existing file."""
+    for n in range(1, 10 ** 6):
+        path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}.json")
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            fail(f"cannot write {path} ({e.strerror or e}); the test metrics are printed above")
+        with os.fdopen(handle, "w") as f:
+            json.dump(obj, f, indent=1)
+        return path
+
+
+def free_name(folder, stem, suffix):
+    """FOLDER/STEM+SUFFIX, or STEM_2+SUFFIX ... : the first name not taken."""
+    for n in range(1, 10 ** 6):
+        path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}{suffix}")
+        if not os.path.exists(path):
+            return path

@@ -15,7 +15,7 @@ import torch
 import common
 import data
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
 common.add_shared_args(parser)
 method = parser.add_argument_group("method")
 method.add_argument("--k", type=int, default=5,
@@ -56,28 +56,26 @@ def train_step(x, kl_weight):
     mean, logvar = encoder(x)                                # once per example, not once per sample
     z = common.reparameterize(mean, logvar, args.k)          # [batch, k, d]
     bound, objective = iwae_bound(decoder, x, z, mean, logvar, kl_weight)
-    kl = common.kl_normal(mean, logvar)                      # closed form
-    rec = -bound - kl                                        # so the printed "-elbo" (rec + kl) is -L_k
+    kl = common.kl_normal(mean, logvar)                      # closed form, logged beside the bound
     loss = -objective.mean()                                 # -L_k, annealed while kl_weight < 1
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     common.clip_grad(modules.values(), args.clip)
     optimizer.step()
-    return rec.detach(), kl.detach()
+    return bound.detach(), kl.detach()
 
 
 state = common.start(args, dataset, modules, optimizers)
-for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
         common.plot_posterior(args, state["step"], infer, decoder, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
-        rec, kl = train_step(x, kl_weight)
+        bound, kl = train_step(x, kl_weight)
         state["step"] += 1
-        meter.add(rec, kl, kl_weight)
+        meter.add(kl_weight, neg_bound=-bound, kl=kl)        # -L_k: the training log's "neg_bound"
     encoder.eval(), decoder.eval()
     val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
-    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers):
-        break
+    common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
 common.final_test(args, state, infer, decoder, dataset, modules)

@@ -5,7 +5,7 @@ decoder-only step; aggressive mode ends after the first epoch whose validation M
 He, Spokoyny, Neubig, Berg-Kirkpatrick, "Lagging Inference Networks and Posterior Collapse in
 Variational Autoencoders", ICLR 2019 (Algorithm 1, Sec. 3).
 Reproduce: python lagging.py --seed 1      (synthetic, d = 1: z kept to the end where `python vae.py --seed 1`
-                                          collapses; every seed, and the authors' code on the same data: README)
+                                          collapses; every seed, and the authors' code on the same data: docs/results.md)
            python lagging.py --seed 1 --train_size 1600 --epochs 1 --plot_posterior 25   (Fig. 2 frames)
            python lagging.py --dataset yahoo --kl_start 1 --cuda (standard ELBO; He et al. Table 1)
            python lagging.py --aggressive 0                      (exactly vae.py)
@@ -18,7 +18,7 @@ import torch
 import common
 import data
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
 common.add_shared_args(parser)
 method = parser.add_argument_group("method")                                      # new
 method.add_argument("--aggressive", type=int, default=1, choices=[0, 1],
@@ -33,7 +33,7 @@ if args.latent_dim < 1 or args.inner_steps < 1 or (args.window is not None and a
     common.fail("lagging.py needs --latent_dim >= 1 (an encoder to train), --inner_steps >= 1 and --window >= 1")
 
 dataset = data.load(args)
-args.window = args.window or (10 if dataset.kind == "image" else 15)             # new
+window = args.window or (10 if dataset.kind == "image" else 15)                  # new
 encoder, decoder = common.build_model(args, dataset)
 modules = {"encoder": encoder, "decoder": decoder}
 # new: one optimiser per network, so that a step can update one side only (Algorithm 1)
@@ -74,7 +74,7 @@ def encoder_steps(x, kl_weight, pool):                                          
         rec, kl = train_step(batch, kl_weight, update=("encoder",))
         window_loss = window_loss + (rec + kl_weight * kl).sum()       # stays on the device
         window_units += batch.shape[0] * (batch.shape[1] - 1 if dataset.kind == "text" else 1)  # words, images
-        if step % args.window == 0:
+        if step % window == 0:
             current = window_loss.item() / window_units               # the one host sync per window
             if current > previous:
                 break
@@ -86,7 +86,7 @@ def encoder_steps(x, kl_weight, pool):                                          
 state = common.start(args, dataset, modules, optimizers)
 state.setdefault("aggressive", bool(args.aggressive))    # new: kept in the checkpoint, so --resume
 state.setdefault("previous_mi", -math.inf)               # continues in the same mode
-for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     aggressive, inner_steps = state["aggressive"], 0                              # new
@@ -100,7 +100,7 @@ for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1)
             update = ("decoder",)
         rec, kl = train_step(x, kl_weight, update)
         state["step"] += 1
-        meter.add(rec, kl, kl_weight)
+        meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)
     encoder.eval(), decoder.eval()
     val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
     mean_inner_steps = inner_steps / max(meter.steps, 1)                          # new
@@ -109,7 +109,6 @@ for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1)
         state["previous_mi"] = val["mi"]
         print(f"epoch {epoch}: {mean_inner_steps:.1f} encoder-only steps per batch; val mi {val['mi']:.3f}, "
               f"aggressive training {'stays on' if state['aggressive'] else 'off'}", flush=True)
-    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers,
-                        aggressive=aggressive, inner_steps=mean_inner_steps):
-        break
+    common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers,
+                     log={"aggressive": aggressive, "inner_steps": mean_inner_steps})                # new
 common.final_test(args, state, infer, decoder, dataset, modules)

@@ -18,7 +18,7 @@ import torch
 import common
 import data
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
 common.add_shared_args(parser)
 method = parser.add_argument_group("method")
 method.add_argument("--svi_steps", type=int, default=20, help="K: SVI steps per batch (Kim et al.: 10, 20, 40)")
@@ -30,6 +30,9 @@ method.add_argument("--svi_clip", type=float, default=5.0,
 args = common.parse_args(parser, "svi")
 if args.latent_dim < 1 or args.svi_steps < 0:
     common.fail("svi.py needs --latent_dim >= 1 and --svi_steps >= 0")
+if args.oracle and args.epochs and not args.eval_only:
+    common.fail("svi.py learns only the decoder, which --oracle fixes to the true generator: nothing to train; "
+                "add --epochs 0 to score SVI's inference with the true generator")
 
 dataset = data.load(args)
 _, decoder = common.build_model(args, dataset)      # no encoder (built anyway: same decoder init as vae.py)
@@ -78,7 +81,7 @@ def train_step(x, kl_weight):
 
 
 state = common.start(args, dataset, modules, optimizers)
-for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+for epoch in common.epochs(args, state):
     decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
@@ -86,9 +89,8 @@ for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         rec, kl = train_step(x, kl_weight)
         state["step"] += 1
-        meter.add(rec, kl, kl_weight)
+        meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)
     decoder.eval()
     val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
-    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers):
-        break
+    common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
 common.final_test(args, state, infer, decoder, dataset, modules)

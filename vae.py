@@ -13,7 +13,7 @@ import argparse
 import common
 import data
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
 common.add_shared_args(parser)
 args = common.parse_args(parser, "vae")
 
@@ -43,7 +43,7 @@ def train_step(x, kl_weight):
 
 
 state = common.start(args, dataset, modules, optimizers)
-for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1):
+for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
@@ -51,9 +51,8 @@ for epoch in range(state["epoch"] + 1, 0 if args.eval_only else args.epochs + 1)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         rec, kl = train_step(x, kl_weight)
         state["step"] += 1
-        meter.add(rec, kl, kl_weight)
+        meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)
     encoder.eval(), decoder.eval()
     val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
-    if common.end_epoch(args, state, epoch, meter, val, dataset, modules, optimizers):
-        break
+    common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
 common.final_test(args, state, infer, decoder, dataset, modules)

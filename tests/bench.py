@@ -1,24 +1,81 @@
-"""Speed of the shared pieces (not collected by pytest): VAE training examples/sec and IW-NLL
-sentences/sec, on the synthetic preset and on a Yahoo-sized network over random sentences.
+"""Speed of every method (not collected by pytest): the training step of each of the five scripts, and
+evaluation with each kind of inference (the encoder's; SVI's K steps), at sizes from the papers.
 
-    python tests/bench.py                       # both sizes on the CPU
-    python tests/bench.py --size yahoo --cuda   # one size on the GPU
+    python tests/bench.py                         # CPU: synthetic and cpu sizes, a few minutes
+    python tests/bench.py --cuda                  # GPU: synthetic and yahoo sizes
+    python tests/bench.py --size yahoo --cuda --json bench.json
+    python tests/bench.py --root ../old_checkout  # the same measurement of another checkout's scripts
+
+It measures the code that trains: each script is run through its command line (runpy, --epochs 0, on a
+corpus of random sentences written to a temporary folder), and its own train_step and infer are timed.
+Rates are examples (sentences) per second, each from at least --budget seconds of work after a warm-up.
 """
 import argparse
+import contextlib
+import io
+import json
 import os
+import runpy
 import sys
+import tempfile
 import time
-import types
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SIZES = {  # vocabulary, sentence length (words), embedding, hidden, latent, batch
-    "synthetic": dict(vocab=1003, length=10, emb_dim=50, hidden_dim=50, latent_dim=1, batch=16),
-    "yahoo": dict(vocab=20001, length=60, emb_dim=512, hidden_dim=1024, latent_dim=32, batch=32),
+SIZES = {  # vocabulary, words per sentence, embedding, LSTM units, latent, batch
+    "tiny": dict(vocab=50, length=6, emb_dim=8, hidden_dim=8, latent_dim=2, batch=4),
+    "synthetic": dict(vocab=1000, length=10, emb_dim=50, hidden_dim=50, latent_dim=1, batch=16),  # He et al. App. B.1
+    "cpu": dict(vocab=20000, length=60, emb_dim=128, hidden_dim=256, latent_dim=32, batch=32),     # Yahoo text, small nets
+    "yahoo": dict(vocab=20000, length=60, emb_dim=512, hidden_dim=1024, latent_dim=32, batch=32),  # Kim et al., He et al.
 }
+METHODS = ["vae", "svi", "savae", "lagging", "iwae"]
+
+
+def write_corpus(folder, size, seed=0):
+    """train/valid/test.txt of random sentences of one length; the training split holds every word, so the
+    vocabulary has size['vocab'] words."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, length = size["vocab"], size["length"]
+    count = max(2 * size["batch"], -(-vocab // length))
+    train = torch.randint(vocab, (count, length), generator=g)
+    train.view(-1)[:vocab] = torch.arange(vocab)
+    for split, rows in (("train", train), ("valid", train[:size["batch"]]), ("test", train[:2])):
+        with open(os.path.join(folder, f"{split}.txt"), "w") as f:
+            f.writelines(" ".join(f"w{i}" for i in row) + "\n" for row in rows.tolist())
+
+
+def load_script(root, method, size, folder, cuda, extra):
+    """Run METHOD.py with --epochs 0 on the corpus in `folder`; returns the script's globals (its train_step,
+    infer, modules, dataset and args), with its printing swallowed."""
+    argv = [f"{method}.py", "--dataset", "text", "--data_dir", folder, "--emb_dim", size["emb_dim"],
+            "--hidden_dim", size["hidden_dim"], "--latent_dim", size["latent_dim"], "--batch_size", size["batch"],
+            "--epochs", 0, "--iw_samples", 1, "--save_dir", os.path.join(folder, f"run-{method}"), *extra]
+    argv += ["--cuda"] if cuda else []
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = [str(a) for a in argv], [root]
+    for name in ("common", "data"):          # each root's own modules
+        sys.modules.pop(name, None)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return runpy.run_path(os.path.join(root, f"{method}.py"), run_name="__bench__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def rate(work, examples, device, budget):
+    """Examples per second of work() (which handles `examples` examples), after one warm-up call, timed over
+    at least `budget` seconds and 2 calls."""
+    work()
+    sync(device)
+    calls, start = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < budget:
+        work()
+        calls += 1
+        sync(device)
+    seconds = time.perf_counter() - start
+    return calls * examples / seconds, seconds, calls
 
 
 def sync(device):
@@ -26,55 +83,86 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(size, device, train_steps, eval_sentences, iw_samples):
-    s = SIZES[size]
-    args = types.SimpleNamespace(latent_dim=s["latent_dim"], emb_dim=s["emb_dim"], hidden_dim=s["hidden_dim"],
-                                 dropout=0.5, device=device, image_net="pixelcnn", oracle=False)
-    encoder, decoder = common.build_model(args, types.SimpleNamespace(kind="text", vocab_size=s["vocab"]))
-    optimizer = torch.optim.SGD([*encoder.parameters(), *decoder.parameters()], lr=1.0)
-    x = torch.randint(3, s["vocab"], (s["batch"], s["length"] + 2), device=device)
+def bench_size(root, name, cuda, budget, iw_samples, svi_steps, inner_steps, methods):
+    size = SIZES[name]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        write_corpus(folder, size)
+        for method in methods:
+            extra = {"svi": ["--svi_steps", svi_steps], "savae": ["--svi_steps", svi_steps],
+                     "lagging": ["--inner_steps", inner_steps, "--window", inner_steps + 1]}.get(method, [])
+            g = load_script(root, method, size, folder, cuda, extra)
+            device, dataset, common = g["args"].device, g["dataset"], g["common"]
+            torch.manual_seed(0)
+            x = next(iter(dataset.batches("train", size["batch"])))
+            for m in g["modules"].values():
+                m.train()
+            if method == "lagging":        # an aggressive batch: inner_steps encoder-only steps, one decoder step
+                pool = dataset.batches("train", size["batch"])
 
-    def step():   # the VAE step of vae.py
-        mean, logvar = encoder(x)
-        rec = -decoder.log_prob(x, common.reparameterize(mean, logvar))[:, 0]
-        loss = (rec + common.kl_normal(mean, logvar)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        common.clip_grad([encoder, decoder], 5.0)
-        optimizer.step()
+                def work():
+                    g["encoder_steps"](x, 1.0, pool)
+                    g["train_step"](x, 1.0, ("decoder",))
+                what = f"training, aggressive ({inner_steps} encoder steps + 1)"
+            else:
+                def work():
+                    g["train_step"](x, 1.0)
+                what = "training" + (f" (K = {svi_steps})" if method in ("svi", "savae") else "")
+            rows.append(dict(size=name, method=method, what=what, **result(rate(work, x.shape[0], device, budget))))
+            if method in ("vae", "svi"):   # evaluation: the encoder's inference, and SVI's from the prior
+                for m in g["modules"].values():
+                    m.eval()
+                batches = [x]
+                what = f"test IW-NLL, {iw_samples} samples" + (f", SVI inference (K = {svi_steps})" if method == "svi" else "")
+                rows.append(dict(size=name, method=method, what=what, **result(rate(
+                    lambda: common.evaluate(g["infer"], g["decoder"], batches, iw_samples), x.shape[0], device, budget))))
+            print(format_row(rows[-2] if method in ("vae", "svi") else rows[-1]), flush=True)
+            if method in ("vae", "svi"):
+                print(format_row(rows[-1]), flush=True)
+    return rows
 
-    step(), step()                                   # warm up
-    sync(device)
-    start = time.time()
-    for _ in range(train_steps):
-        step()
-    sync(device)
-    train_rate = train_steps * s["batch"] / (time.time() - start)
 
-    encoder.eval(), decoder.eval()
-    batches = list(torch.randint(3, s["vocab"], (eval_sentences, s["length"] + 2), device=device).split(s["batch"]))
-    common.evaluate(encoder, decoder, batches[:1], 2)
-    sync(device)
-    start = time.time()
-    common.evaluate(encoder, decoder, batches, iw_samples)
-    sync(device)
-    eval_rate = eval_sentences / (time.time() - start)
-    print(f"{size:9s} {device.type}: train {train_rate:8.1f} examples/s (batch {s['batch']}, {train_steps} steps) | "
-          f"IW-NLL {eval_rate:8.2f} sentences/s ({iw_samples} samples, {eval_sentences} sentences)", flush=True)
+def result(measured):
+    per_second, seconds, calls = measured
+    return {"examples_per_s": round(per_second, 3), "seconds": round(seconds, 2), "calls": calls}
+
+
+def format_row(row):
+    return f"| {row['size']} | {row['method']} | {row['what']} | {row['examples_per_s']:.2f} | {row['seconds']:.1f} |"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=[*SIZES, "default"], default="default",
+                        help="default: synthetic and cpu on a CPU, synthetic and yahoo with --cuda")
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated scripts to measure")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed work per measurement")
+    parser.add_argument("--iw_samples", type=int, default=500, help="importance samples of the test IW-NLL")
+    parser.add_argument("--svi_steps", type=int, default=20, help="K of svi.py and savae.py")
+    parser.add_argument("--inner_steps", type=int, default=10, help="encoder-only steps per lagging.py batch")
+    parser.add_argument("--root", default=ROOT, help="the checkout whose scripts are measured")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --cuda was given but PyTorch sees no CUDA GPU here; drop --cuda")
+    methods = args.methods.split(",")
+    if not set(methods) <= set(METHODS):
+        raise SystemExit(f"error: --methods takes some of {','.join(METHODS)}")
+    sizes = [args.size] if args.size != "default" else ["synthetic", "yahoo" if args.cuda else "cpu"]
+    device = torch.cuda.get_device_name() if args.cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {device}, root {os.path.abspath(args.root)}")
+    print("| size | method | what | examples/s | timed s |\n|---|---|---|---|---|", flush=True)
+    rows = []
+    for name in sizes:
+        rows += bench_size(args.root, name, args.cuda, args.budget, args.iw_samples, args.svi_steps,
+                           args.inner_steps, methods)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": device, "root": os.path.abspath(args.root),
+                       "sizes": {n: SIZES[n] for n in sizes}, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["synthetic", "yahoo", "both"], default="both")
-    parser.add_argument("--cuda", action="store_true")
-    parser.add_argument("--iw_samples", type=int, default=500)
-    args = parser.parse_args()
-    device = torch.device("cuda" if args.cuda else "cpu")
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    big = args.cuda   # the Yahoo-sized network is slow on a CPU: fewer steps and sentences there
-    if args.size in ("synthetic", "both"):
-        bench("synthetic", device, train_steps=200, eval_sentences=320, iw_samples=args.iw_samples)
-    if args.size in ("yahoo", "both"):
-        bench("yahoo", device, train_steps=50 if big else 3, eval_sentences=320 if big else 4,
-              iw_samples=args.iw_samples)
+    main()

@@ -114,8 +114,11 @@ def test_synthetic_oracle_data_is_drawn_from_its_true_decoder():
 def test_oracle_flag_freezes_the_decoder_and_gaps_go_into_metrics(tmp_path):
     tiny = ["--dataset", "synthetic_oracle", "--oracle", "--train_size", "100", "--iw_samples", "4",
             "--val_iw_samples", "2"]
-    proc = run_script("vae.py", *tiny, "--epochs", "1", "--hidden_dim", "20", "--gaps", "8", "--save_dir", tmp_path / "v")
-    assert "hidden_dim 20 -> 100" in proc.stdout                      # the sizes come from the true generator
+    # the sizes come from the true generator: a contradicting size is refused before any work
+    one_line_error(run_script("vae.py", *tiny, "--hidden_dim", "20", "--save_dir", tmp_path / "h", check=False),
+                   "true generator", "hidden_dim is 100", "drop --hidden_dim")
+    proc = run_script("vae.py", *tiny, "--epochs", "1", "--gaps", "8", "--save_dir", tmp_path / "v")
+    assert "hidden_dim=100" in proc.stdout and "latent_dim=2" in proc.stdout
     saved = common.load_checkpoint(tmp_path / "v" / "model.pt", "cpu")
     true = data.oracle_generator()[0].state_dict()
     for modules in (saved["modules"], saved["best_modules"]):

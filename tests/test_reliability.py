@@ -254,11 +254,11 @@ def test_non_finite_validation_saves_nothing(tmp_path):
     """A validation loss that is NaN (even in epoch 1, where there are no best weights yet) stops the run with one
     line before the schedule, the checkpoint or the log are touched."""
     args = types.SimpleNamespace(save_dir=str(tmp_path), patience=2, warmup=0, batch_size=4)
-    meter = types.SimpleNamespace(result=lambda: {"neg_elbo": 1.0, "rec": 1.0, "kl": 0.0}, start=0.0, end=1.0)
+    meter = types.SimpleNamespace(result=lambda: {"neg_elbo": 1.0, "rec": 1.0, "kl": 0.0}, start=0.0, end=1.0, epoch=1)
     state = common.new_state(types.SimpleNamespace(lr=1.0))
     val = {"nll": math.nan, "neg_elbo": math.nan, "kl": 0.0, "mi": 0.0, "au": 0}
     with pytest.raises(SystemExit) as stop:
-        common.end_epoch(args, state, 1, meter, val, None, {}, {})
+        common.end_epoch(args, state, meter, val, dataset=None, modules={}, optimizers={})
     assert str(stop.value).startswith("error: validation") and "start again with a lower --lr" in str(stop.value)
     assert os.listdir(tmp_path) == [] and state["epoch"] == 0
 

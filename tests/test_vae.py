@@ -78,6 +78,6 @@ def test_bad_input_gets_one_clear_line(tmp_path, text_dir):
     for path in (garbage, foreign, tmp_path / "absent.pt"):
         one_line_error(run_script("vae.py", "--eval_only", "--checkpoint", path, check=False), str(path))
     one_line_error(run_script("vae.py", "--train_size", "64", "--lr", "1e8", "--clip", "0", "--print_every", "2",
-                              "--save_dir", tmp_path / "nan", check=False), "training loss became nan", "--lr")
+                              "--save_dir", tmp_path / "nan", check=False), "training -elbo became nan", "--lr")
     if not torch.cuda.is_available():
         one_line_error(run_script("vae.py", "--cuda", check=False), "--cuda")
