@@ -1,0 +1,209 @@
+"""python data.py --download, against a local HTTP server that serves small stand-ins for the real files
+(the expected line counts are patched down where a download is meant to succeed)."""
+import hashlib
+import http.server
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import types
+
+import numpy as np
+import pytest
+
+import data
+from conftest import ROOT
+
+TEXT = {"train.txt": 5, "valid.txt": 2, "test.txt": 2}
+
+
+def lines(count, tag):
+    return "".join(f"{tag} sentence number {i} here\n" for i in range(count)).encode()
+
+
+def fake_mat(train=5, test=2):
+    scipy_io = pytest.importorskip("scipy.io")
+    buffer = io.BytesIO()
+    scipy_io.savemat(buffer, {"data": np.random.default_rng(0).random((784, train)),
+                              "testdata": np.random.default_rng(1).random((784, test))})
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def server():
+    """Serves `files` {url path: bytes}; `truncate` paths send half the body after announcing all of it;
+    `ignore_range` paths always answer 200 with the whole body; every request is logged as (path, Range)."""
+    state = types.SimpleNamespace(files={}, truncate=set(), ignore_range=set(), log=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked = self.headers.get("Range")
+            state.log.append((self.path, asked))
+            body = state.files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            start = int(asked.split("=")[1].rstrip("-")) if asked and self.path not in state.ignore_range else 0
+            if start >= len(body) > 0:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            rest = body[start:]
+            self.wfile.write(rest[:len(rest) // 2] if self.path in state.truncate else rest)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def serve_text(server, prefix, counts=TEXT):
+    for name, count in counts.items():
+        server.files[f"{prefix}/{name}"] = lines(count, name.split(".")[0])
+
+
+def test_download_puts_files_where_the_loaders_read_them_and_a_second_run_does_nothing(server, tmp_path, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.setitem(data.DOWNLOADS["ptb"], "expect", dict(TEXT))
+    monkeypatch.setitem(data.DOWNLOADS["omniglot"], "expect", {"chardata.mat": (5, 2)})
+    monkeypatch.setenv("VI_DATA_MIRROR", server.url + "/mirror/")
+    serve_text(server, "/mirror/ptb")
+    server.files["/mirror/omniglot/chardata.mat"] = fake_mat()
+    ptb, omniglot = tmp_path / "ptb", tmp_path / "omniglot"
+    data.download("ptb", str(ptb))
+    data.download("omniglot", str(omniglot))
+    assert sorted(os.listdir(ptb)) == ["test.txt", "train.txt", "valid.txt"]       # no .part left
+    assert sorted(os.listdir(omniglot)) == ["chardata.mat"]
+    loaded = data.load(types.SimpleNamespace(dataset="ptb", data_dir=str(ptb), train_size=0, seed=0, device="cpu"))
+    assert [loaded.size(s) for s in ("train", "valid", "test")] == [5, 2, 2]
+    images = data.read_omniglot_mat(str(omniglot / "chardata.mat"))
+    assert images["train"].shape == (5, 28, 28) and images["test"].shape == (2, 28, 28)
+    capsys.readouterr()
+    requests = len(server.log)
+    data.download("ptb", str(ptb))
+    data.download("omniglot", str(omniglot))
+    assert len(server.log) == requests                                              # nothing fetched again
+    out = capsys.readouterr().out
+    assert out.count("nothing to do") == 2
+    (ptb / "valid.txt").write_text("one line\n")                                    # never overwritten
+    with pytest.raises(SystemExit, match=r"valid\.txt exists but it has 1 lines, not 2; move it away"):
+        data.download("ptb", str(ptb))
+    assert (ptb / "valid.txt").read_text() == "one line\n"
+
+
+def test_sources_are_tried_in_order_checksums_are_checked_and_archives_are_read(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("VI_DATA_MIRROR", raising=False)
+    monkeypatch.setitem(data.DOWNLOADS["yahoo"], "expect", dict(TEXT))
+    serve_text(server, "/first")
+    del server.files["/first/test.txt"]                                  # the first source lacks one file
+    packed = {name: lines(count, "packed " + name) for name, count in TEXT.items()}
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, body in packed.items():
+            info = tarfile.TarInfo(f"./corpus/yahoo.{name}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    server.files["/second/corpus.tar.gz"] = archive.getvalue()
+    md5 = {name: "md5:" + hashlib.md5(body).hexdigest() for name, body in packed.items()}
+    first = {"url": server.url + "/first/", "files": {name: (name, None) for name in TEXT}}
+    second = {"url": server.url + "/second/corpus.tar.gz", "archive": "corpus.tar.gz",
+              "files": {name: (f"corpus/yahoo.{name}", md5[name]) for name in TEXT}}
+    monkeypatch.setitem(data.DOWNLOADS["yahoo"], "sources", [first, second])
+    folder = tmp_path / "yahoo"
+    data.download("yahoo", str(folder))
+    # every file from the one source that had them all, so train.txt is not the first source's
+    assert {name: (folder / name).read_bytes() for name in TEXT} == packed
+    assert sorted(os.listdir(folder)) == ["test.txt", "train.txt", "valid.txt"]    # archive and parts removed
+    # a wrong checksum: an error naming the URL, and nothing left under any name
+    wrong = dict(first, files={name: (name, "sha256:" + "0" * 64) for name in TEXT})
+    server.files["/first/test.txt"] = lines(2, "test")
+    monkeypatch.setitem(data.DOWNLOADS["yahoo"], "sources", [wrong])
+    with pytest.raises(SystemExit, match=r"first/train\.txt \(wrong content: its sha256 checksum is \w+, not 0+;"):
+        data.download("yahoo", str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+    assert data.checksum(str(folder / "train.txt"), "sha256") == hashlib.sha256(packed["train.txt"]).hexdigest()
+
+
+def test_a_part_file_is_continued_with_range_or_fetched_again(server, tmp_path, monkeypatch):
+    monkeypatch.setitem(data.DOWNLOADS["ptb"], "expect", dict(TEXT))
+    monkeypatch.setenv("VI_DATA_MIRROR", server.url)
+    serve_text(server, "/ptb")
+    body = server.files["/ptb/train.txt"]
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    (folder / "train.txt.part").write_bytes(body[:40])
+    (folder / "valid.txt.part").write_bytes(b"not the start of valid.txt\n")    # continued, fails, fetched again
+    server.ignore_range.add("/ptb/test.txt")
+    (folder / "test.txt.part").write_bytes(server.files["/ptb/test.txt"][:10])  # server ignores Range: restart
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", terminal)
+    data.download("ptb", str(folder))
+    assert ("/ptb/train.txt", "bytes=40-") in server.log
+    assert [entry for entry in server.log if entry[0] == "/ptb/valid.txt"][-1] == ("/ptb/valid.txt", None)
+    for name in TEXT:
+        assert (folder / name).read_bytes() == server.files[f"/ptb/{name}"]
+    assert sorted(os.listdir(folder)) == ["test.txt", "train.txt", "valid.txt"]
+    assert "\r  train.txt.part" in terminal.getvalue()                             # a progress bar on a terminal
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_failures_are_one_line_naming_the_url_and_leave_no_final_file(server, tmp_path):
+    serve_text(server, "/short/ptb")                                     # 5 lines where 42068 are expected
+    server.files["/cut/ptb/train.txt"] = lines(3000, "train")
+    server.truncate.add("/cut/ptb/train.txt")
+    cases = {"short": server.url + "/short", "cut": server.url + "/cut", "missing": server.url + "/none",
+             "refused": f"http://127.0.0.1:{free_port()}"}
+    runs = {}
+    for case, mirror in cases.items():                                   # in parallel: each run imports torch
+        runs[case] = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "data.py"), "--download", "ptb", "--data_dir", str(tmp_path / case)],
+            cwd=ROOT, env={**os.environ, "VI_DATA_MIRROR": mirror, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    expected = {"short": r"/short/ptb/train\.txt \(wrong content: it has 5 lines, not 42068; removed\)",
+                "cut": r"/cut/ptb/train\.txt \(the connection closed after \d+ of \d+ bytes; .*\.part is kept",
+                "missing": r"/none/ptb/train\.txt \(HTTP 404",
+                "refused": r"127\.0\.0\.1:\d+/ptb/train\.txt \(cannot reach it: .*refused"}
+    for case, run in runs.items():
+        out, err = run.communicate(timeout=120)
+        assert run.returncode != 0, (case, out, err)
+        assert "Traceback" not in out + err, (case, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: could not download ptb: tried "), err
+        assert re.search(expected[case], err), (case, err)
+        assert f"By hand: save {cases[case]}/ptb/train.txt as {tmp_path / case / 'train.txt'}" in err, err
+        folder = tmp_path / case
+        assert not (folder / "train.txt").exists()
+        left = sorted(os.listdir(folder)) if folder.exists() else []
+        assert left == (["train.txt.part"] if case == "cut" else []), (case, left)
+
+
+def test_missing_data_names_the_download_command_and_helpers_count_right(tmp_path):
+    with pytest.raises(SystemExit, match=r"does not exist.*run python data\.py --download yahoo --data_dir "):
+        data.load(types.SimpleNamespace(dataset="yahoo", data_dir=str(tmp_path / "nowhere"), train_size=0, seed=0,
+                                        device="cpu"))
+    assert data.download_command("ptb", os.path.join("data", "ptb")) == "python data.py --download ptb"
+    (tmp_path / "a.txt").write_bytes(b"hello\n")
+    assert data.checksum(str(tmp_path / "a.txt"), "git") == "ce013625030ba8dba906f756967f9e9ca394464a"  # as git gives
+    (tmp_path / "b.txt").write_bytes(b"one\ntwo")                                  # no newline at the end
+    assert data.count_lines(str(tmp_path / "b.txt")) == 2
