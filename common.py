@@ -5,7 +5,7 @@ Parts, in this order (each starts with a line "# N. TITLE"):
   1. Gaussian math         reparameterize, sample_q, kl_normal, log_normal, log_prior, neg_entropy
   2. Networks              text: LSTMEncoder, LSTMDecoder (+ replayable dropout), NoEncoder;
                            images: ResNetEncoder, PixelCNNDecoder, MLPEncoder, MLPDecoder; build_model
-  3. SVI pieces            svi_objective, clip_rows, svi_generator, trainable (svi.py and savae.py)
+  3. SVI pieces            svi_objective, clip_rows, svi_generator, lstm_backward_mode, trainable
   4. Evaluation            evaluate (IW-NLL, -ELBO, KL, MI, AU, PPL), log_prob_chunked
   5. Gaps and posteriors   gaps (Cremer et al. 2018), grid_log_px; plot_posterior (He et al. 2019, Fig. 2)
   6. Arguments             PRESETS, add_shared_args, parse_args and its checks
@@ -390,6 +390,24 @@ def svi_objective(decoder, x, mean, logvar, kl_weight, generator):
     return -decoder.log_prob(x, z, generator)[:, 0] + kl_weight * kl_normal(mean, logvar)
 
 
+@contextlib.contextmanager
+def lstm_backward_mode(decoder):
+    """For SVI steps in evaluation (decoder in eval mode): cuDNN's LSTM has a backward only in train mode, so
+    the decoder's nn.LSTMs alone are put in train mode for the steps. They are one-layer LSTMs without dropout,
+    so their output is the same; the decoder's own dropout stays off (it reads decoder.training). On a CPU it
+    changes nothing (the native LSTM has a backward in both modes). Restored on exit."""
+    lstms = [m for m in decoder.modules() if isinstance(m, nn.LSTM) and not m.training]
+    for m in lstms:
+        if m.num_layers > 1 and m.dropout > 0:
+            raise ValueError("lstm_backward_mode needs LSTMs without dropout between layers")
+        m.train()
+    try:
+        yield
+    finally:
+        for m in lstms:
+            m.eval()
+
+
 def clip_rows(g, max_norm):
     """Each row of g scaled to norm at most max_norm (0: off)."""
     if max_norm <= 0:
@@ -409,14 +427,25 @@ def exp_or_inf(x):
         return math.inf
 
 
-def log_prob_chunked(decoder, x, z, max_floats=2 ** 25):
+def chunk_floats(device):
+    """How many floats the decoder's outputs for one evaluation chunk may take: 2**25 (128 MB) on a CPU, where
+    larger chunks are no faster; on a GPU a sixteenth of its free memory (log-softmax and the LSTM's
+    intermediates take a few times the logits), so that a chunk keeps the card busy."""
+    if device.type != "cuda":
+        return 2 ** 25
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(2 ** 25, free // 16)
+
+
+def log_prob_chunked(decoder, x, z, max_floats=None):
     """decoder.log_prob(x, z) for many samples z [batch, n, d], n split into chunks to bound memory."""
+    max_floats = max_floats or chunk_floats(x.device)
     chunk = max(1, max_floats // (x.shape[0] * decoder.cost_per_sample(x)))
     return torch.cat([decoder.log_prob(x, part) for part in z.split(chunk, 1)], 1)
 
 
 @torch.no_grad()
-def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
+def evaluate(infer, decoder, batches, iw_samples, max_floats=None):
     """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)`
     (called under no_grad; an infer that needs gradients enables them itself).
 
@@ -428,7 +457,8 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
                (He et al. 2019, Sec. 4.2; bounded by log batch size)
       au       dimensions with Var_x(E_q[z_u]) >= 0.01 (unbiased variance over all examples)
       ppl      exp(total nll / total predicted tokens), tokens include </s> (text only; None for images)
-    Batched over examples and samples, in chunks of at most max_floats; one host sync at the end.
+    Batched over examples and samples, in chunks of at most max_floats (default: chunk_floats of the device);
+    one host sync at the end.
     """
     was_training = decoder.training
     decoder.eval()
@@ -438,6 +468,7 @@ def evaluate(infer, decoder, batches, iw_samples, max_floats=2 ** 25):
         mean, logvar = mean.detach(), logvar.detach()
         batch, d = mean.shape
         samples = iw_samples if d > 0 else 1        # no latent: log p(x) is exact, one pass suffices
+        max_floats = max_floats or chunk_floats(x.device)
         per_sample = batch * (decoder.cost_per_sample(x) + batch * d)   # decoder, and the pairwise densities
         chunk = max(1, min(samples, max_floats // per_sample))
         log_w, log_px_z, log_qz = [], [], []

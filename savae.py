@@ -16,7 +16,6 @@ Kim et al.'s code used one-sided finite differences (r = 1e-5) and clipped the b
 every step; neither is the gradient (60-95% off in float32), so that mode is not offered.
 """
 import argparse
-import contextlib
 
 import torch
 
@@ -58,9 +57,7 @@ def svi_steps(x, mean, logvar, kl_weight, record=False):
     generator = common.svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps: == vae
     lam, trace = [mean.detach(), logvar.detach()], {"generator": generator, "steps": []}
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
-    # cuDNN's LSTM has no backward in eval mode (evaluation): there the native LSTM runs instead
-    no_cudnn = torch.backends.cudnn.flags(enabled=False) if not decoder.training else contextlib.nullcontext()
-    with torch.enable_grad(), no_cudnn:
+    with torch.enable_grad(), common.lstm_backward_mode(decoder):    # cuDNN's backward also in evaluation
         for _ in range(args.svi_steps):
             lam = [t.requires_grad_() for t in lam]
             rng = generator.get_state()

@@ -11,7 +11,6 @@ the batch. Kim et al. took steps on the batch MEAN (lr 1 at batch 32), i.e. lr 1
 default --svi_lr 0.03125 (= 1/32) is their setting; their clip acted on the whole batch, ours per sentence.
 """
 import argparse
-import contextlib
 
 import torch
 
@@ -48,9 +47,7 @@ def svi_steps(x, mean, logvar, kl_weight):
     generator = common.svi_generator(x.device) if args.svi_steps else None
     lam = [mean.detach(), logvar.detach()]
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
-    # cuDNN's LSTM has no backward in eval mode (evaluation): there the native LSTM runs instead
-    no_cudnn = torch.backends.cudnn.flags(enabled=False) if not decoder.training else contextlib.nullcontext()
-    with torch.enable_grad(), no_cudnn:
+    with torch.enable_grad(), common.lstm_backward_mode(decoder):    # cuDNN's backward also in evaluation
         for _ in range(args.svi_steps):
             lam = [t.requires_grad_() for t in lam]
             f = common.svi_objective(decoder, x, *lam, kl_weight, generator).sum()

@@ -141,6 +141,8 @@ def main():
     parser.add_argument("--iw_samples", type=int, default=500, help="importance samples of the test IW-NLL")
     parser.add_argument("--svi_steps", type=int, default=20, help="K of svi.py and savae.py")
     parser.add_argument("--inner_steps", type=int, default=10, help="encoder-only steps per lagging.py batch")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls on the GPU (torch.set_float32_matmul_precision('high')): to measure the gain")
     parser.add_argument("--root", default=ROOT, help="the checkout whose scripts are measured")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
@@ -149,8 +151,11 @@ def main():
     methods = args.methods.split(",")
     if not set(methods) <= set(METHODS):
         raise SystemExit(f"error: --methods takes some of {','.join(METHODS)}")
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     sizes = [args.size] if args.size != "default" else ["synthetic", "yahoo" if args.cuda else "cpu"]
     device = torch.cuda.get_device_name() if args.cuda else f"CPU, {torch.get_num_threads()} threads"
+    device += ", TF32 matmuls" if args.tf32 else ""
     print(f"torch {torch.__version__}, {device}, root {os.path.abspath(args.root)}")
     print("| size | method | what | examples/s | timed s |\n|---|---|---|---|---|", flush=True)
     rows = []
