@@ -11,6 +11,8 @@ Parts, in this order (each starts with a line "# N. TITLE"):
   6. Arguments             PRESETS, add_shared_args, parse_args and its checks
   7. Training              make_optimizer, clip_grad, kl_weight, Meter, schedule
   8. Runs on disk          start, epochs, end_epoch, final_test; checkpoints, log.jsonl, metrics.json
+  9. Reports               draw_curves (log.jsonl -> PNG), seed_table (metrics.json of many runs -> markdown);
+                           python common.py --curves RUN... | --table RUN...
 
 Interfaces (docs/design.md):
   encoder(x) -> (mean, logvar), each [batch, d]
@@ -22,6 +24,7 @@ import glob
 import json
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -1196,6 +1199,8 @@ def final_test(args, state, infer, decoder, dataset, modules):
         path = os.path.join(args.save_dir, "metrics.json")
         write_json(path, metrics)
     print(f"wrote {path}", flush=True)
+    if not args.eval_only:
+        draw_curves([args.save_dir], os.path.join(args.save_dir, "curves.png"), quiet_without_matplotlib=True)
     return metrics
 
 
@@ -1346,3 +1351,114 @@ def free_name(folder, stem, suffix):
         path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}{suffix}")
         if not os.path.exists(path):
             return path
+
+
+# ====================================================================================================
+# 9. Reports: training curves from log.jsonl, and a table of the test metrics over seeds.
+#    python common.py --curves runs/vae-synthetic runs/lagging-synthetic --out curves.png
+#    python common.py --table runs/table1/*        (folders named METHOD-seedN: one row per METHOD)
+# ====================================================================================================
+
+CURVES = [("-ELBO (train, val) and val NLL", ("train", "neg_elbo"), ("train", "neg_bound"), ("val", "neg_elbo"),
+           ("val", "nll")),
+          ("KL (train, val)", ("train", "kl"), ("val", "kl")), ("MI (val)", ("val", "mi")),
+          ("active units (val)", ("val", "au")), ("learning rate", ("lr",)), ("KL weight", ("kl_weight",))]
+
+
+def read_log(folder):
+    """The records of FOLDER/log.jsonl (a line cut off by a kill is skipped)."""
+    records = []
+    with contextlib.suppress(OSError), open(os.path.join(folder, "log.jsonl"), errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def draw_curves(folders, path, quiet_without_matplotlib=False):
+    """One PNG of the training curves of one or more runs (each run a colour, each quantity a panel)."""
+    runs = [(os.path.basename(os.path.normpath(folder)), read_log(folder)) for folder in folders]
+    runs = [(name, records) for name, records in runs if records]
+    if not runs:
+        if not quiet_without_matplotlib:
+            fail(f"no log.jsonl with epochs in {', '.join(folders)}; pass run folders (--save_dir of a training run)")
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if quiet_without_matplotlib:
+            print("note: no curves.png (matplotlib is not installed: pip install matplotlib)", flush=True)
+            return None
+        fail("drawing curves needs matplotlib (pip install matplotlib)")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, *keys) in zip(axes.flat, CURVES):
+        for colour, (name, records) in enumerate(runs):
+            for style, key in zip(("-", "--", ":", "-."), keys):
+                points = [(r["epoch"], value) for r in records
+                          if (value := r.get(key[0]) if len(key) == 1 else r.get(key[0], {}).get(key[1])) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{colour}", marker=".",
+                            label=f"{name} {'/'.join(key)}" if len(keys) > 1 or len(runs) > 1 else None)
+        ax.set(title=title, xlabel="epoch")
+        if title == "learning rate":
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+TABLE_KEYS = ("nll", "neg_elbo", "rec", "kl", "mi", "au", "ppl")
+
+
+def seed_table(folders):
+    """A markdown table of the test metrics of many runs, mean +- standard deviation (over runs, n - 1) per row.
+    Runs are grouped by folder name with a trailing -seedN / _seedN removed (e.g. vae-seed1, vae-seed2 -> vae);
+    each run's metrics.json must be there."""
+    groups = {}
+    for folder in folders:
+        path = os.path.join(folder, "metrics.json")
+        try:
+            with open(path) as f:
+                metrics = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); pass folders of finished runs")
+        name = re.sub(r"[-_]seed\d+$", "", os.path.basename(os.path.normpath(folder)))
+        groups.setdefault((name, metrics["dataset"]), []).append(metrics)
+    lines = ["| run | dataset | runs | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
+    for (name, dataset), runs in groups.items():
+        cells = []
+        for key in TABLE_KEYS:
+            values = torch.tensor([float(r[key]) for r in runs if r.get(key) is not None], dtype=torch.float64)
+            if len(values) == 0:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.2f}")
+            else:
+                cells.append(f"{values.mean():.2f} +- {values.std():.2f}")
+        lines.append(f"| {name} | {dataset} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Reports over finished runs (folders written by the method scripts).")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--curves", nargs="+", metavar="RUN", help="draw the runs' training curves into one PNG")
+    mode.add_argument("--table", nargs="+", metavar="RUN", help="print a markdown table of the runs' test metrics, "
+                                                                "mean +- sd over the seeds of each run name")
+    parser.add_argument("--out", default=None, help="--curves: the PNG (default curves.png); --table: also write it here")
+    cli = parser.parse_args()
+    if cli.curves:
+        draw_curves(cli.curves, cli.out or "curves.png")
+    else:
+        table = seed_table(cli.table)
+        print(table)
+        if cli.out:
+            with open(cli.out, "w") as f:
+                f.write(table + "\n")
+

@@ -1,0 +1,52 @@
+"""Reports over finished runs: the seed table's means and standard deviations, and the curves PNG, from run
+folders written the way the scripts write them (log.jsonl, metrics.json); bad folders get one clear line."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import common
+from conftest import ROOT
+
+
+def write_run(folder, method, nll, kl, epochs=3):
+    folder.mkdir(parents=True)
+    metrics = {"method": method, "dataset": "synthetic", "nll": nll, "neg_elbo": nll + 1, "rec": nll + 1 - kl,
+               "kl": kl, "mi": kl / 2, "au": 1, "ppl": math.exp(nll / 10), "iw_samples": 10, "num_examples": 5,
+               "train_seconds": 1.0}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    lines = [{"epoch": e, "lr": 1.0 / e, "kl_weight": 1.0, "seconds": 1.0,
+              "train": {"neg_elbo": 50.0 - e, "rec": 49.0 - e, "kl": 1.0},
+              "val": {"nll": 48.0 - e, "neg_elbo": 49.0 - e, "rec": 48.0, "kl": 1.0, "mi": 0.5, "au": 1, "ppl": 9.0}}
+             for e in range(1, epochs + 1)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 4, "lr"')  # cut off
+
+
+def test_seed_table_means_and_standard_deviations(tmp_path):
+    for seed, (nll, kl) in enumerate([(40.0, 1.0), (42.0, 2.0), (44.0, 6.0)], 1):
+        write_run(tmp_path / f"lagging-seed{seed}", "lagging", nll, kl)
+    write_run(tmp_path / "vae_seed1", "vae", 45.0, 0.0)
+    table = common.seed_table(sorted(str(p) for p in tmp_path.iterdir())).splitlines()
+    assert table[0].startswith("| run | dataset | runs | nll | neg_elbo")
+    lagging = next(line for line in table if line.startswith("| lagging |"))
+    assert "| 3 | 42.00 +- 2.00 | 43.00 +- 2.00 |" in lagging           # sd over runs with n - 1: 2.00
+    assert "| 3.00 +- 2.65 |" in lagging                                # kl 1, 2, 6: sd sqrt(7) = 2.65
+    assert next(line for line in table if line.startswith("| vae |")).startswith("| vae | synthetic | 1 | 45.00 |")
+
+
+def test_curves_png_and_clear_errors(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "a", "vae", 40.0, 1.0)
+    write_run(tmp_path / "b", "lagging", 41.0, 2.0, epochs=2)
+    out = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, "common.py", "--curves", str(tmp_path / "a"), str(tmp_path / "b"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10000
+    assert len(common.read_log(tmp_path / "a")) == 3                   # the cut-off line is skipped
+    for args in (["--curves", str(tmp_path / "none")], ["--table", str(tmp_path / "none")]):
+        proc = subprocess.run([sys.executable, "common.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
