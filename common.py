@@ -11,7 +11,8 @@ Parts, in this order (each starts with a line "# N. TITLE"):
   6. Arguments             PRESETS, add_shared_args, parse_args and its checks
   7. Training              make_optimizer, clip_grad, kl_weight, Meter, schedule
   8. Runs on disk          start, epochs, end_epoch, final_test; checkpoints, log.jsonl, metrics.json
-  9. Reports               draw_curves (log.jsonl -> PNG), seed_table (metrics.json of many runs -> markdown);
+  9. Reports               text_examples (samples, reconstructions, interpolations), draw_curves
+                           (log.jsonl -> PNG), seed_table (metrics.json of many runs -> markdown);
                            python common.py --curves RUN... | --table RUN...
 
 Interfaces (docs/design.md):
@@ -1199,6 +1200,13 @@ def final_test(args, state, infer, decoder, dataset, modules):
         path = os.path.join(args.save_dir, "metrics.json")
         write_json(path, metrics)
     print(f"wrote {path}", flush=True)
+    if dataset.kind == "text" and len(dataset.by_length["test"]):
+        lines = text_examples(infer, decoder, dataset, args.seed)
+        stem = f"examples_eval_{args.method}" if args.eval_only else "examples"
+        examples = free_name(args.save_dir, stem, ".txt") if args.eval_only else os.path.join(args.save_dir, "examples.txt")
+        with open(examples, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines[:4]) + f"\n... wrote {examples}", flush=True)
     if not args.eval_only:
         draw_curves([args.save_dir], os.path.join(args.save_dir, "curves.png"), quiet_without_matplotlib=True)
     return metrics
@@ -1411,6 +1419,48 @@ def draw_curves(folders, path, quiet_without_matplotlib=False):
     plt.close(fig)
     print(f"wrote {path}", flush=True)
     return path
+
+
+def words(vocab, tokens):
+    """Token ids (a decoded row, or a sentence with <s> and </s>) as text, up to the first </s>."""
+    out = []
+    for t in tokens:
+        word = vocab[t]
+        if word == "</s>":
+            break
+        if word != "<s>":
+            out.append(word)
+    return " ".join(out)
+
+
+@torch.no_grad()
+def text_examples(infer, decoder, dataset, seed, count=5, steps=8):
+    """What a text model does, as lines of text: sentences from the prior (sampled and greedy), greedy
+    reconstructions of test sentences from the mean of the method's own q(z|x), and the greedy sentences along
+    the line between two test sentences' posterior means. Uses a local random stream (training's is untouched)."""
+    vocab, x = dataset.vocab, max(dataset.by_length["test"].values(), key=len)[:count]   # one length: a batch
+    device, d = x.device, decoder.latent_dim
+    generator = torch.Generator(device=device).manual_seed(seed)
+    length = max(max(t) for t in (dataset.by_length[s].keys() for s in dataset.by_length)) + 5
+    first = torch.full((count,), vocab.index("<s>"), device=device)
+    z = torch.randn(count, d, generator=generator, device=device)
+    lines = ["# sentences from the prior p(z), sampled"]
+    lines += [words(vocab, row) for row in decoder.sample(z, first, length, generator=generator).tolist()]
+    lines += ["", "# the same z, greedy"] + [words(vocab, row) for row in decoder.sample(z, first, length, greedy=True).tolist()]
+    if d == 0:
+        return lines
+    mean = infer(x)[0].detach()                  # count test sentences, or fewer
+    lines += ["", "# test sentence  ->  greedy reconstruction from the mean of q(z|x)"]
+    lines += [f"{words(vocab, a)}  ->  {words(vocab, b)}"
+              for a, b in zip(x.tolist(), decoder.sample(mean, first[:len(x)], length, greedy=True).tolist())]
+    if len(x) < 2:
+        return lines
+    t = torch.linspace(0, 1, steps, device=device).unsqueeze(1)
+    path = (1 - t) * mean[0] + t * mean[1]
+    lines += ["", f"# interpolation between the posterior means of test sentences 1 and 2 ({steps} steps)",
+              f"# from: {words(vocab, x[0].tolist())}", f"# to:   {words(vocab, x[1].tolist())}"]
+    lines += [words(vocab, row) for row in decoder.sample(path, first[:1].expand(steps), length, greedy=True).tolist()]
+    return lines
 
 
 TABLE_KEYS = ("nll", "neg_elbo", "rec", "kl", "mi", "au", "ppl")

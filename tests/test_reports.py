@@ -50,3 +50,24 @@ def test_curves_png_and_clear_errors(tmp_path):
         proc = subprocess.run([sys.executable, "common.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+def test_text_runs_leave_examples_and_curves(tmp_path, text_dir):
+    """A text run writes examples.txt (prior samples, reconstructions, interpolation) and curves.png; --eval_only
+    writes its examples to a new file, never over the training run's."""
+    from conftest import TINY, TINY_TEXT, run_script
+    run = tmp_path / "run"
+    proc = run_script("vae.py", *TINY, *TINY_TEXT, "--dataset", "text", "--data_dir", text_dir, "--save_dir", run)
+    text = (run / "examples.txt").read_text()
+    sections = [line for line in text.splitlines() if line.startswith("# ") and not line.startswith("# from")
+                and not line.startswith("# to")]
+    assert len(sections) == 4 and "reconstruction" in sections[2] and "interpolation" in sections[3]
+    body = text.split(sections[2])[1].split("\n# ")[0].strip().splitlines()
+    assert 2 <= len(body) <= 5 and all("  ->" in line for line in body)  # the most common test length
+    test_words = set((text_dir / "test.txt").read_text().split())
+    assert all(set(line.split("  ->")[0].split()) <= test_words for line in body)  # the inputs are test sentences
+    assert text.split(sections[3])[1].count("\n") >= 8 + 2             # 8 steps after the two "from/to" lines
+    assert "wrote" in proc.stdout and (run / "curves.png").exists()
+    before = (run / "examples.txt").read_bytes()
+    run_script("vae.py", "--eval_only", "--checkpoint", run / "model.pt", "--iw_samples", "2")
+    assert (run / "examples_eval_vae.txt").exists() and (run / "examples.txt").read_bytes() == before
