@@ -11,7 +11,7 @@ Parts, in this order (each starts with a line "# N. TITLE"):
   6. Arguments             PRESETS, add_shared_args, parse_args and its checks
   7. Training              make_optimizer, clip_grad, kl_weight, Meter, schedule
   8. Runs on disk          start, epochs, end_epoch, final_test; checkpoints, log.jsonl, metrics.json
-  9. Reports               text_examples (samples, reconstructions, interpolations), draw_curves
+  9. Reports               text_examples (samples, reconstructions, interpolations), saliency, draw_curves
                            (log.jsonl -> PNG), seed_table (metrics.json of many runs -> markdown);
                            python common.py --curves RUN... | --table RUN...
 
@@ -22,6 +22,7 @@ Interfaces (docs/design.md):
 import argparse
 import contextlib
 import glob
+import html
 import json
 import math
 import os
@@ -1207,6 +1208,15 @@ def final_test(args, state, infer, decoder, dataset, modules):
         with open(examples, "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines[:4]) + f"\n... wrote {examples}", flush=True)
+        if args.latent_dim > 0 and isinstance(decoder, LSTMDecoder):
+            report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset)
+            stem = f"saliency_eval_{args.method}" if args.eval_only else "saliency"
+            json_path = free_name(args.save_dir, stem, ".json") if args.eval_only else os.path.join(args.save_dir, "saliency.json")
+            with open(json_path, "w") as f:
+                json.dump(report, f, indent=1)
+            with open(json_path[:-len(".json")] + ".html", "w") as f:
+                f.write(page)
+            print(f"wrote {json_path} and its .html", flush=True)
     if not args.eval_only:
         draw_curves([args.save_dir], os.path.join(args.save_dir, "curves.png"), quiet_without_matplotlib=True)
     return metrics
@@ -1461,6 +1471,62 @@ def text_examples(infer, decoder, dataset, seed, count=5, steps=8):
               f"# from: {words(vocab, x[0].tolist())}", f"# to:   {words(vocab, x[1].tolist())}"]
     lines += [words(vocab, row) for row in decoder.sample(path, first[:1].expand(steps), length, greedy=True).tolist()]
     return lines
+
+
+def saliency(infer, encoder, decoder, x):
+    """How much the model uses z, token by token, for sentences x [m, T] of one length (after Kim et al. 2018's
+    saliency analysis, as this project defines it; docs/design.md):
+      output[i, t] = || d log p(x_t | x_<t, z) / dz ||_2 at z = the mean of the method's own q(z|x_i), for each
+                     predicted token (</s> included): how much each output token depends on z;
+      input[i, t]  = || d mean / d e_t ||_F, e_t the encoder's embedding of token t (<s> included): how much
+                     each input token moves the encoder's mean (None without an encoder, as for svi.py).
+    Computed without a loop over tokens: each sentence is repeated once per token (per latent dimension for
+    the input side), and copy t keeps only token t's term, so one backward pass gives every token's gradient."""
+    m, length = x.shape
+    mean = infer(x)[0].detach()
+    d = mean.shape[1]
+    with torch.enable_grad():
+        z = mean.repeat_interleave(length - 1, 0).requires_grad_()                  # [m * (T - 1), d]
+        inputs = x.repeat_interleave(length - 1, 0)
+        logits, _ = decoder.logits(inputs[:, :-1], z)
+        token_log_p = logits.log_softmax(-1).gather(-1, inputs[:, 1:, None])[..., 0]  # [m * (T - 1), T - 1]
+        own = torch.eye(length - 1, device=x.device).repeat(m, 1)                    # copy t keeps token t
+        grad, = torch.autograd.grad((token_log_p * own).sum(), z)
+        output = grad.view(m, length - 1, d).norm(dim=-1)
+        inputs_side = None
+        if isinstance(encoder, LSTMEncoder):
+            emb = encoder.embed(x).detach().repeat_interleave(d, 0).requires_grad_()  # [m * d, T, emb]
+            _, (h, _) = encoder.lstm(emb)
+            means = encoder.to_params(h[-1]).chunk(2, -1)[0]                          # [m * d, d]
+            grad, = torch.autograd.grad((means * torch.eye(d, device=x.device).repeat(m, 1)).sum(), emb)
+            inputs_side = grad.view(m, d, length, -1).pow(2).sum((1, 3)).sqrt()       # [m, T]
+    return output, inputs_side
+
+
+def saliency_report(infer, encoder, decoder, dataset, count=10):
+    """saliency() on up to `count` test sentences of the most common length: (JSON-ready dict, HTML page)."""
+    vocab = dataset.vocab
+    x = max(dataset.by_length["test"].values(), key=len)[:count]
+    output, inputs = saliency(infer, encoder, decoder, x)
+    rows = []
+    for i, sentence in enumerate(x.tolist()):
+        tokens = [vocab[t] for t in sentence]
+        rows.append({"input_tokens": tokens, "input": None if inputs is None else inputs[i].tolist(),
+                     "output_tokens": tokens[1:], "output": output[i].tolist()})
+
+    def shade(tokens, values):
+        top = max(values) or 1.0
+        return " ".join(f'<span style="background: rgba(220, 40, 40, {v / top:.2f})" title="{v:.3g}">'
+                        f'{html.escape(t)}</span>' for t, v in zip(tokens, values))
+    page = ["<html><meta charset='utf-8'><body style='font-family: monospace'>",
+            "<p>Saliency: output tokens shaded by ||d log p(x_t | x_&lt;t, z) / dz|| at the mean of q(z|x); input tokens by "
+            "||d mean / d embedding||. Each row scaled to its own maximum (hover for the value).</p>"]
+    for row in rows:
+        if row["input"] is not None:
+            page.append(f"<p>input: {shade(row['input_tokens'], row['input'])}<br>")
+        page.append(f"output: {shade(row['output_tokens'], row['output'])}</p>")
+    page.append("</body></html>")
+    return {"definition": saliency.__doc__.split("\n", 1)[1], "sentences": rows}, "\n".join(page)
 
 
 TABLE_KEYS = ("nll", "neg_elbo", "rec", "kl", "mi", "au", "ppl")

@@ -68,6 +68,36 @@ def test_text_runs_leave_examples_and_curves(tmp_path, text_dir):
     assert all(set(line.split("  ->")[0].split()) <= test_words for line in body)  # the inputs are test sentences
     assert text.split(sections[3])[1].count("\n") >= 8 + 2             # 8 steps after the two "from/to" lines
     assert "wrote" in proc.stdout and (run / "curves.png").exists()
+    report = json.loads((run / "saliency.json").read_text())
+    row = report["sentences"][0]
+    assert len(row["output"]) == len(row["output_tokens"]) == len(row["input_tokens"]) - 1 == len(row["input"]) - 1
+    assert (run / "saliency.html").read_text().count("<span") >= len(row["output"]) + len(row["input"])
     before = (run / "examples.txt").read_bytes()
     run_script("vae.py", "--eval_only", "--checkpoint", run / "model.pt", "--iw_samples", "2")
     assert (run / "examples_eval_vae.txt").exists() and (run / "examples.txt").read_bytes() == before
+
+
+def test_saliency_equals_token_by_token_autograd():
+    """saliency() gets every token's gradient from one backward pass over repeated sentences; here each token's
+    gradient is taken on its own, with a loop, in float64."""
+    import torch
+    torch.manual_seed(0)
+    encoder = common.LSTMEncoder(20, 6, 8, 3).double()
+    decoder = common.LSTMDecoder(20, 6, 8, 3, dropout=0.0).double().eval()
+    for p in [*encoder.parameters(), *decoder.parameters()]:
+        torch.nn.init.uniform_(p, -0.5, 0.5)
+    x = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(3, 20, (3, 5))], 1)
+    output, inputs = common.saliency(encoder, encoder, decoder, x)
+    for i in range(3):
+        mean = encoder(x[i:i + 1])[0].detach()
+        for t in range(1, 6):
+            z = mean.clone().requires_grad_()
+            logits, _ = decoder.logits(x[i:i + 1, :-1], z)
+            grad, = torch.autograd.grad(logits.log_softmax(-1)[0, t - 1, x[i, t]], z)
+            assert abs(grad.norm() - output[i, t - 1]) < 1e-10
+        emb = encoder.embed(x[i:i + 1]).detach().requires_grad_()
+        _, (h, _) = encoder.lstm(emb)
+        mean = encoder.to_params(h[-1]).chunk(2, -1)[0][0]
+        jacobian = torch.stack([torch.autograd.grad(mean[j], emb, retain_graph=True)[0][0] for j in range(3)])
+        assert torch.allclose(jacobian.pow(2).sum((0, 2)).sqrt(), inputs[i], atol=1e-10)
+    assert (output > 0).all() and (inputs > 0).all()
