@@ -11,7 +11,8 @@ Parts, in this order (each starts with a line "# N. TITLE"):
   6. Arguments             PRESETS, add_shared_args, parse_args and its checks
   7. Training              make_optimizer, clip_grad, kl_weight, Meter, schedule
   8. Runs on disk          start, epochs, end_epoch, final_test; checkpoints, log.jsonl, metrics.json
-  9. Reports               text_examples (samples, reconstructions, interpolations), saliency, draw_curves
+  9. Reports               text_examples and image_examples (samples, reconstructions, interpolations; write_png),
+                           saliency, draw_curves
                            (log.jsonl -> PNG), seed_table (metrics.json of many runs -> markdown);
                            python common.py --curves RUN... | --table RUN...
 
@@ -294,17 +295,31 @@ class PixelCNNDecoder(nn.Module):
                                     for i, k in enumerate(kernels))
         self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
 
+    def logits(self, images, z):
+        """Bernoulli logits of every pixel given the pixels before it: images [m, 1, 28, 28], z [m, d]."""
+        maps = None
+        if self.latent_dim > 0:
+            maps = self.z_to_maps(z).view(len(images), self.z_maps, *images.shape[2:])
+        v, h = self.layers[0](images, images, maps)
+        for layer in self.layers[1:]:
+            v, h = layer(v, h)
+        return self.out(h)
+
     def pixel_log_prob(self, x, z):
         """log p(x_i | x_<i, z) for x [batch, 1, 28, 28], z [batch, n, d]: [batch, n, 784]."""
         batch, n = z.shape[:2]
         images = x.unsqueeze(1).expand(-1, n, -1, -1, -1).reshape(batch * n, *x.shape[1:])
-        maps = None
-        if self.latent_dim > 0:
-            maps = self.z_to_maps(z.reshape(batch * n, -1)).view(batch * n, self.z_maps, *x.shape[2:])
-        v, h = self.layers[0](images, images, maps)
-        for layer in self.layers[1:]:
-            v, h = layer(v, h)
-        return bernoulli_log_prob(self.out(h), images).view(batch, n, -1)
+        return bernoulli_log_prob(self.logits(images, z.reshape(batch * n, -1)), images).view(batch, n, -1)
+
+    @torch.no_grad()
+    def sample(self, z, generator=None):
+        """Images [m, 1, 28, 28] drawn from p(x|z) for z [m, d], pixel by pixel in raster order (sequential by
+        nature: one pass of the network per pixel, over all m images at once)."""
+        images = torch.zeros(len(z), 1, 28, 28, device=z.device)
+        for i in range(28 * 28):
+            p = torch.sigmoid(self.logits(images, z)[:, 0, i // 28, i % 28])
+            images[:, 0, i // 28, i % 28] = (torch.rand(p.shape, generator=generator, device=z.device) < p).float()
+        return images
 
     def log_prob(self, x, z, generator=None):
         """log p(x|z): [batch, n]. (No dropout: generator is accepted for the common interface.)"""
@@ -342,6 +357,12 @@ class MLPDecoder(nn.Module):
 
     def cost_per_sample(self, x):
         return 784 + 400
+
+    @torch.no_grad()
+    def sample(self, z, generator=None):
+        """Images [m, 1, 28, 28] drawn from p(x|z) for z [m, d] (independent pixels)."""
+        p = torch.sigmoid(self.net(z))
+        return (torch.rand(p.shape, generator=generator, device=z.device) < p).float().view(-1, 1, 28, 28)
 
 
 def build_model(args, dataset):
@@ -806,6 +827,10 @@ def add_shared_args(parser):
     add("--gaps", type=int, default=0, metavar="N",
         help="after testing, the amortization and approximation gaps (Cremer et al. 2018) on the first N test "
              "examples (0: off); log p(x) on a grid when latent_dim <= 2")
+    add("--examples", type=int, default=8, metavar="N",
+        help="after the final test, what the model does, written to SAVE_DIR: N prior samples, N test "
+             "reconstructions, an N-step interpolation (text: examples.txt, and saliency of N test sentences; "
+             "images: PNG grids, drawn pixel by pixel: minutes on a CPU); 0: none")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
     add("--plot_posterior", type=int, default=0, metavar="N",
         help="every N training steps (and at step 0) save the posterior-mean-space picture of "
@@ -817,7 +842,7 @@ def add_shared_args(parser):
 # --resume may change these flags (they do not change what is trained); every other flag given with --resume
 # must equal the checkpoint's. Flags about this command itself (RUN_FLAGS) are never taken from a checkpoint.
 RESUME_MAY_CHANGE = ("epochs", "print_every", "iw_samples", "val_iw_samples", "cuda", "save_dir", "data_dir",
-                     "gaps", "plot_posterior")
+                     "gaps", "plot_posterior", "examples")
 
 
 RUN_FLAGS = ("resume", "eval_only", "checkpoint", "cross_method", "from_best")
@@ -896,7 +921,7 @@ def take_eval_args(args, given, method):
             fail(f"--{key} {getattr(args, key)} differs from the checkpoint's {saved[key]}: the model and its "
                  f"data come from {args.checkpoint}; drop --{key}")
     own = RUN_FLAGS + ("method", "save_dir", "epochs", "iw_samples", "val_iw_samples", "gaps", "print_every",
-                       "plot_posterior", "cuda")
+                       "plot_posterior", "cuda", "examples")
     for key, value in saved.items():
         if key not in given and key not in own and hasattr(args, key):
             setattr(args, key, value)
@@ -955,6 +980,7 @@ def check_flags(args):
         (args.patience >= 1, "--patience must be >= 1"),
         (args.iw_samples >= 1 and args.val_iw_samples >= 1, "--iw_samples and --val_iw_samples must be >= 1"),
         (args.print_every >= 1, "--print_every must be >= 1 (batches between progress lines)"),
+        (args.examples >= 0, "--examples N needs N >= 0 (0: none)"),
         (args.plot_posterior >= 0, "--plot_posterior N needs N >= 0 (0: off)"),
         (args.gaps >= 0 and not (args.gaps and args.latent_dim == 0 and not args.oracle),
          "--gaps N needs N >= 0 and a latent (--latent_dim > 0)"),
@@ -1201,15 +1227,15 @@ def final_test(args, state, infer, decoder, dataset, modules):
         path = os.path.join(args.save_dir, "metrics.json")
         write_json(path, metrics)
     print(f"wrote {path}", flush=True)
-    if dataset.kind == "text" and len(dataset.by_length["test"]):
-        lines = text_examples(infer, decoder, dataset, args.seed)
+    if dataset.kind == "text" and args.examples:
+        lines = text_examples(infer, decoder, dataset, args.seed, args.examples)
         stem = f"examples_eval_{args.method}" if args.eval_only else "examples"
         examples = free_name(args.save_dir, stem, ".txt") if args.eval_only else os.path.join(args.save_dir, "examples.txt")
         with open(examples, "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines[:4]) + f"\n... wrote {examples}", flush=True)
         if args.latent_dim > 0 and isinstance(decoder, LSTMDecoder):
-            report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset)
+            report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset, args.examples)
             stem = f"saliency_eval_{args.method}" if args.eval_only else "saliency"
             json_path = free_name(args.save_dir, stem, ".json") if args.eval_only else os.path.join(args.save_dir, "saliency.json")
             with open(json_path, "w") as f:
@@ -1217,6 +1243,14 @@ def final_test(args, state, infer, decoder, dataset, modules):
             with open(json_path[:-len(".json")] + ".html", "w") as f:
                 f.write(page)
             print(f"wrote {json_path} and its .html", flush=True)
+    if dataset.kind == "image" and args.latent_dim > 0 and args.examples:
+        written = []
+        for name, rows in image_examples(infer, decoder, dataset, args.seed, args.examples).items():
+            path = free_name(args.save_dir, f"{name}_eval_{args.method}", ".png") if args.eval_only else \
+                os.path.join(args.save_dir, f"{name}.png")
+            write_png(path, rows)
+            written.append(path)
+        print(f"wrote {', '.join(written)}", flush=True)
     if not args.eval_only:
         draw_curves([args.save_dir], os.path.join(args.save_dir, "curves.png"), quiet_without_matplotlib=True)
     return metrics
@@ -1444,7 +1478,7 @@ def words(vocab, tokens):
 
 
 @torch.no_grad()
-def text_examples(infer, decoder, dataset, seed, count=5, steps=8):
+def text_examples(infer, decoder, dataset, seed, count=8):
     """What a text model does, as lines of text: sentences from the prior (sampled and greedy), greedy
     reconstructions of test sentences from the mean of the method's own q(z|x), and the greedy sentences along
     the line between two test sentences' posterior means. Uses a local random stream (training's is untouched)."""
@@ -1465,12 +1499,54 @@ def text_examples(infer, decoder, dataset, seed, count=5, steps=8):
               for a, b in zip(x.tolist(), decoder.sample(mean, first[:len(x)], length, greedy=True).tolist())]
     if len(x) < 2:
         return lines
+    steps = count
     t = torch.linspace(0, 1, steps, device=device).unsqueeze(1)
     path = (1 - t) * mean[0] + t * mean[1]
     lines += ["", f"# interpolation between the posterior means of test sentences 1 and 2 ({steps} steps)",
               f"# from: {words(vocab, x[0].tolist())}", f"# to:   {words(vocab, x[1].tolist())}"]
     lines += [words(vocab, row) for row in decoder.sample(path, first[:1].expand(steps), length, greedy=True).tolist()]
     return lines
+
+
+def write_png(path, rows):
+    """A grey-level PNG from rows of images in [0, 1]: rows is a list of lists of [28, 28] tensors, drawn as a
+    grid with a 2-pixel grey border (standard library only: zlib)."""
+    import struct
+    import zlib
+    size, pad, width = 28, 2, max(len(r) for r in rows)
+    grid = torch.full((len(rows) * (size + pad) + pad, width * (size + pad) + pad), 0.5)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = pad + i * (size + pad), pad + j * (size + pad)
+            grid[top:top + size, left:left + size] = 1 - image.float().cpu()       # ink dark on white
+    pixels = (grid * 255).round().to(torch.uint8).repeat_interleave(2, 0).repeat_interleave(2, 1)   # 2x: visible
+    raw = b"".join(b"\x00" + bytes(line.tolist()) for line in pixels)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+@torch.no_grad()
+def image_examples(infer, decoder, dataset, seed, count=8):
+    """What an image model does, as grids: {name: rows of images}. samples: `count` images from the prior;
+    reconstructions: `count` test images (top) over images drawn from p(x|z) at the mean of the method's own
+    q(z|x) (bottom); interpolation: two test images at the ends, between them images drawn at `count` points
+    on the line between their posterior means. All drawn in one call of decoder.sample (a PixelCNN samples
+    pixel by pixel: 784 passes of the network, whatever the number of images)."""
+    x = dataset.batches("test", count)[0][:count]
+    mean, device = infer(x)[0].detach(), x.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prior = torch.randn(count, mean.shape[1], generator=generator, device=device)
+    t = torch.linspace(0, 1, count, device=device).unsqueeze(1)
+    path = (1 - t) * mean[0] + t * mean[-1]
+    drawn = decoder.sample(torch.cat([prior, mean, path]), generator)[:, 0].split([count, len(mean), count])
+    grids = {"samples": [list(drawn[0])], "reconstructions": [list(x[:, 0]), list(drawn[1])]}
+    if len(x) >= 2:
+        grids["interpolation"] = [[x[0, 0], *drawn[2], x[-1, 0]]]
+    return grids
 
 
 def saliency(infer, encoder, decoder, x):

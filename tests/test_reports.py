@@ -101,3 +101,57 @@ def test_saliency_equals_token_by_token_autograd():
         jacobian = torch.stack([torch.autograd.grad(mean[j], emb, retain_graph=True)[0][0] for j in range(3)])
         assert torch.allclose(jacobian.pow(2).sum((0, 2)).sqrt(), inputs[i], atol=1e-10)
     assert (output > 0).all() and (inputs > 0).all()
+
+
+def test_pixelcnn_sampler_draws_each_pixel_from_its_conditional():
+    """decoder.sample draws pixel i with probability sigmoid(logit_i), the logit computed from the pixels before
+    it. By the causal masks, the logits of the finished image are those the sampler used: so replaying the
+    sampler's uniform draws u_i against them must give back every pixel, x_i = [u_i < p_i]."""
+    import torch
+    torch.manual_seed(0)
+    decoder = common.PixelCNNDecoder(2, channels=4, kernels=(3, 3)).eval()
+    for p in decoder.parameters():
+        torch.nn.init.uniform_(p, -1.0, 1.0)
+    z = torch.randn(3, 2)
+    images = decoder.sample(z, torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    u = torch.stack([torch.rand(3, generator=replay) for _ in range(784)], 1)     # the sampler's draws, in order
+    p = torch.sigmoid(decoder.logits(images, z)).view(3, 784)
+    assert torch.equal(images.view(3, 784), (u < p).float())
+    assert 0.05 < images.mean() < 0.95                                          # not a constant image
+    mlp = common.MLPDecoder(2)
+    assert mlp.sample(z).shape == (3, 1, 28, 28)
+
+
+def test_png_grid_is_a_valid_image(tmp_path):
+    import struct
+    import zlib
+    import torch
+    rows = [[torch.zeros(28, 28), torch.ones(28, 28)], [torch.full((28, 28), 0.5)]]
+    common.write_png(tmp_path / "g.png", rows)
+    data = (tmp_path / "g.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (2 * (2 * 30 + 2), 2 * (2 * 30 + 2))              # 2 images wide, 2 rows, 2x scale
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    pixels = zlib.decompress(idat)
+    assert len(pixels) == height * (width + 1)                                 # one filter byte per line
+    line = pixels[(2 * 10) * (width + 1) + 1:(2 * 10 + 1) * (width + 1)]       # through the first row of images
+    assert line[2 * 10] == 255 and line[2 * 40] == 0                           # white (no ink), then black (ink)
+
+
+def test_image_runs_leave_png_grids(tmp_path):
+    """An image run writes samples.png, reconstructions.png and interpolation.png (MLP decoder: fast)."""
+    import struct
+    from conftest import run_script
+    run = tmp_path / "run"
+    run_script("vae.py", "--dataset", "synthetic_images", "--image_net", "mlp", "--train_size", "40", "--epochs", "1",
+               "--iw_samples", "2", "--val_iw_samples", "2", "--examples", "3", "--save_dir", run)
+    sizes = {}
+    for name in ("samples", "reconstructions", "interpolation"):
+        data = (run / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        sizes[name] = struct.unpack(">II", data[16:24])
+    assert sizes["samples"] == (2 * (3 * 30 + 2), 2 * 32)                        # 3 images, one row
+    assert sizes["reconstructions"] == (2 * (3 * 30 + 2), 2 * (2 * 30 + 2))      # test images over reconstructions
+    assert sizes["interpolation"] == (2 * (5 * 30 + 2), 2 * 32)                  # two ends and 3 steps
