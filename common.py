@@ -1474,7 +1474,7 @@ def words(vocab, tokens):
             break
         if word != "<s>":
             out.append(word)
-    return " ".join(out)
+    return " ".join(out) or "(empty)"
 
 
 @torch.no_grad()
