@@ -104,10 +104,12 @@ def test_synthetic_data_is_he_et_al_sized_and_deterministic():
 
 def test_export_writes_the_built_in_data_as_text_and_never_overwrites(tmp_path):
     out = tmp_path / "synthetic"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--export", "synthetic", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    sentences, _ = data.synthetic_sentences()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "--export", "synthetic", "--out", str(out)],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sentences, _ = data.synthetic_sentences()             # the expected data, here, while the export runs
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, stderr
     lines = {split: (out / f"{split}.txt").read_text().splitlines() for split in ("train", "valid", "test")}
     assert [len(v) for v in lines.values()] == [16000, 2000, 2000]
     vocab = data.SPECIALS + [f"w{i}" for i in range(1000)]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, read_metrics, run_script, run_scripts, succeeded, write_text_corpus
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -243,22 +243,37 @@ def check_run(save_dir, dataset, num_examples, text):
     assert [r["epoch"] for r in log] == [1] and math.isfinite(log[0]["train"]["neg_bound"])
 
 
-def test_smoke_synthetic(tmp_path):
-    proc = run_script("iwae.py", *SMOKE, "--save_dir", tmp_path)
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke runs, two at a time: {dataset: (CompletedProcess, save_dir)}."""
+    root = tmp_path_factory.mktemp("iwae")
+    flags = {"synthetic": [],
+             "text": ["--dataset", "text", "--data_dir", write_text_corpus(root / "corpus"), "--emb_dim", "8",
+                      "--hidden_dim", "8", "--latent_dim", "2"],
+             "synthetic_images": ["--dataset", "synthetic_images", "--image_net", "mlp"]}
+    procs = run_scripts({name: [("iwae.py", *SMOKE, *extra, "--save_dir", root / name)]
+                         for name, extra in flags.items()})
+    return {name: (procs[name], root / name) for name in flags}
+
+
+def test_smoke_synthetic(smoke):
+    proc, save_dir = smoke["synthetic"]
+    succeeded({"synthetic": proc})
     assert "k=3" in proc.stdout                     # the method flag is parsed and printed
-    check_run(tmp_path, "synthetic", 2000, text=True)
+    check_run(save_dir, "synthetic", 2000, text=True)
 
 
-def test_smoke_text(tmp_path, text_dir):
-    run_script("iwae.py", *SMOKE, "--dataset", "text", "--data_dir", text_dir, "--emb_dim", "8",
-               "--hidden_dim", "8", "--latent_dim", "2", "--save_dir", tmp_path)
-    check_run(tmp_path, "text", 10, text=True)
+def test_smoke_text(smoke):
+    proc, save_dir = smoke["text"]
+    succeeded({"text": proc})
+    check_run(save_dir, "text", 10, text=True)
 
 
-def test_smoke_images(tmp_path):
+def test_smoke_images(smoke):
     """The same script on images (Burda et al.'s MLPs, Bernoulli pixels): no path specific to text."""
-    run_script("iwae.py", *SMOKE, "--dataset", "synthetic_images", "--image_net", "mlp", "--save_dir", tmp_path)
-    check_run(tmp_path, "synthetic_images", 100, text=False)
+    proc, save_dir = smoke["synthetic_images"]
+    succeeded({"synthetic_images": proc})
+    check_run(save_dir, "synthetic_images", 100, text=False)
 
 
 def test_bad_k_is_one_clear_line(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 import common
 import data
-from conftest import METRIC_KEYS, run_script
+from conftest import METRIC_KEYS, run_scripts, succeeded
 from test_math import LinearGaussian, linear_gaussian_data, mean_field_infer
 from test_vae import one_line_error
 
@@ -114,11 +114,16 @@ def test_synthetic_oracle_data_is_drawn_from_its_true_decoder():
 def test_oracle_flag_freezes_the_decoder_and_gaps_go_into_metrics(tmp_path):
     tiny = ["--dataset", "synthetic_oracle", "--oracle", "--train_size", "100", "--iw_samples", "4",
             "--val_iw_samples", "2"]
+    procs = run_scripts({                                             # two at a time, the training run first
+        "vae": [("vae.py", *tiny, "--epochs", "1", "--gaps", "8", "--save_dir", tmp_path / "v")],
+        "hidden_dim": [("vae.py", *tiny, "--hidden_dim", "20", "--save_dir", tmp_path / "h")],
+        "svi": [("svi.py", *tiny, "--epochs", "0", "--svi_steps", "3", "--save_dir", tmp_path / "s")],
+        "svi_trains": [("svi.py", *tiny, "--save_dir", tmp_path / "s2")],
+        "no_dataset": [("vae.py", "--oracle", "--save_dir", tmp_path / "x")]})
     # the sizes come from the true generator: a contradicting size is refused before any work
-    one_line_error(run_script("vae.py", *tiny, "--hidden_dim", "20", "--save_dir", tmp_path / "h", check=False),
-                   "true generator", "hidden_dim is 100", "drop --hidden_dim")
-    proc = run_script("vae.py", *tiny, "--epochs", "1", "--gaps", "8", "--save_dir", tmp_path / "v")
-    assert "hidden_dim=100" in proc.stdout and "latent_dim=2" in proc.stdout
+    one_line_error(procs["hidden_dim"], "true generator", "hidden_dim is 100", "drop --hidden_dim")
+    succeeded({name: procs[name] for name in ("vae", "svi")})
+    assert "hidden_dim=100" in procs["vae"].stdout and "latent_dim=2" in procs["vae"].stdout
     saved = common.load_checkpoint(tmp_path / "v" / "model.pt", "cpu")
     true = data.oracle_generator()[0].state_dict()
     for modules in (saved["modules"], saved["best_modules"]):
@@ -134,7 +139,6 @@ def test_oracle_flag_freezes_the_decoder_and_gaps_go_into_metrics(tmp_path):
     assert abs(gaps["elbo_method"] + gaps["amortization_gap"] + gaps["approximation_gap"] - gaps["log_px"]) < 1e-3
 
     # svi.py has nothing to learn with the true generator: it scores with --epochs 0 and refuses to train
-    run_script("svi.py", *tiny, "--epochs", "0", "--svi_steps", "3", "--save_dir", tmp_path / "s")
     assert set(json.loads((tmp_path / "s" / "metrics.json").read_text())) == METRIC_KEYS
-    one_line_error(run_script("svi.py", *tiny, "--save_dir", tmp_path / "s2", check=False), "--epochs 0")
-    one_line_error(run_script("vae.py", "--oracle", "--save_dir", tmp_path / "x", check=False), "synthetic_oracle")
+    one_line_error(procs["svi_trains"], "--epochs 0")
+    one_line_error(procs["no_dataset"], "synthetic_oracle")

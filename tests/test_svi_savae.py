@@ -7,7 +7,6 @@ the objects the script trains with.
 """
 import os
 import runpy
-import subprocess
 import sys
 
 import pytest
@@ -15,17 +14,7 @@ import torch
 import torch.distributions as D
 
 import common
-from conftest import ROOT, TINY, TINY_TEXT, read_metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """These models are tiny: a second OpenMP thread only adds waiting (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")                      # and for the scripts run as subprocesses
-    yield
-    torch.set_num_threads(threads)
+from conftest import ROOT, TINY, TINY_TEXT, read_metrics, start_script
 
 
 def load_script(script, monkeypatch, tmp_path, text_dir, *argv):
@@ -210,9 +199,7 @@ def test_smoke_runs_through_the_command_line(tmp_path, text_dir):
     text = ["--dataset", "text", "--data_dir", text_dir, *TINY_TEXT]
     runs = {"svi-synthetic": ["svi.py", "--batch_size", "64"], "savae-synthetic": ["savae.py", "--batch_size", "64"],
             "svi-text": ["svi.py", *text], "savae-text": ["savae.py", *text, "--hvp", "exact"]}
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args), *TINY,
-                                     "--svi_steps", "2", "--save_dir", str(tmp_path / name)],
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = {name: start_script(script, *args, *TINY, "--svi_steps", "2", "--save_dir", tmp_path / name)
              for name, (script, *args) in runs.items()}           # side by side: the synthetic data takes a while
     for name, proc in procs.items():
         output = proc.communicate(timeout=600)[0]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import METRIC_KEYS, TINY, TINY_TEXT, read_metrics, run_script
+from conftest import METRIC_KEYS, TINY, TINY_TEXT, read_metrics, run_script, run_scripts, succeeded
 
 
 def without_time(metrics):
@@ -12,8 +12,7 @@ def without_time(metrics):
 
 
 def test_smoke_synthetic_and_same_seed_same_metrics(tmp_path):
-    run_script("vae.py", *TINY, "--save_dir", tmp_path / "a")
-    run_script("vae.py", *TINY, "--save_dir", tmp_path / "b")
+    succeeded(run_scripts({name: [("vae.py", *TINY, "--save_dir", tmp_path / name)] for name in "ab"}))  # side by side
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert a["method"] == "vae" and a["dataset"] == "synthetic" and a["num_examples"] == 2000
     assert a["nll"] <= a["neg_elbo"] + 0.05 and a["ppl"] > 1
@@ -40,9 +39,10 @@ def test_text_folder_and_eval_only(tmp_path, text_dir):
 
 def test_interrupted_and_resumed_run_matches_straight_run(tmp_path):
     args = ["--train_size", "96", "--iw_samples", "4", "--val_iw_samples", "2"]
-    run_script("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "straight")
-    run_script("vae.py", *args, "--epochs", "1", "--save_dir", tmp_path / "resumed")
-    run_script("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "resumed", "--resume")
+    interrupted_run = [("vae.py", *args, "--epochs", "1", "--save_dir", tmp_path / "resumed"),       # then resumed
+                       ("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "resumed", "--resume")]
+    straight_run = [("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "straight")]
+    succeeded(run_scripts({"resumed": interrupted_run, "straight": straight_run}))                  # side by side
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert without_time(straight) == without_time(resumed)
     logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
@@ -67,17 +67,18 @@ def one_line_error(proc, *fragments):
 
 
 def test_bad_input_gets_one_clear_line(tmp_path, text_dir):
-    one_line_error(run_script("vae.py", "--dataset", "yahoo", "--data_dir", tmp_path / "missing", check=False),
-                   "missing", "Yahoo")
     (text_dir / "valid.txt").write_text("")
-    one_line_error(run_script("vae.py", "--dataset", "text", "--data_dir", text_dir, check=False),
-                   "valid.txt has no sentences")
     garbage, foreign = tmp_path / "garbage.pt", tmp_path / "foreign.pt"
     garbage.write_bytes(b"not a checkpoint")
     torch.save({"state_dict": {}}, foreign)
+    cases = {"nan": (["--train_size", "64", "--lr", "1e8", "--clip", "0", "--print_every", "2", "--save_dir",
+                      tmp_path / "nan"], "training -elbo became nan", "--lr"),         # first: it trains
+             "yahoo": (["--dataset", "yahoo", "--data_dir", tmp_path / "missing"], "missing", "Yahoo"),
+             "empty": (["--dataset", "text", "--data_dir", text_dir], "valid.txt has no sentences")}
     for path in (garbage, foreign, tmp_path / "absent.pt"):
-        one_line_error(run_script("vae.py", "--eval_only", "--checkpoint", path, check=False), str(path))
-    one_line_error(run_script("vae.py", "--train_size", "64", "--lr", "1e8", "--clip", "0", "--print_every", "2",
-                              "--save_dir", tmp_path / "nan", check=False), "training -elbo became nan", "--lr")
+        cases[path.name] = (["--eval_only", "--checkpoint", path], str(path))
     if not torch.cuda.is_available():
-        one_line_error(run_script("vae.py", "--cuda", check=False), "--cuda")
+        cases["cuda"] = (["--cuda"], "--cuda")
+    procs = run_scripts({name: [("vae.py", *argv)] for name, (argv, *_) in cases.items()})    # two at a time
+    for name, (_, *fragments) in cases.items():
+        one_line_error(procs[name], *fragments)
