@@ -47,7 +47,7 @@ def svi_steps(x, mean, logvar, kl_weight):
     generator = common.svi_generator(x.device) if args.svi_steps else None
     lam = [mean.detach(), logvar.detach()]
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
-    with torch.enable_grad(), common.lstm_backward_mode(decoder):    # cuDNN's backward also in evaluation
+    with torch.enable_grad(), common.svi_mode(decoder):    # decoder frozen; cuDNN also in evaluation
         for _ in range(args.svi_steps):
             lam = [t.requires_grad_() for t in lam]
             f = common.svi_objective(decoder, x, *lam, kl_weight, generator).sum()
