@@ -48,6 +48,26 @@ def fail(message):
 # 1. Gaussian math. q = N(mean, diag(exp(logvar))), prior p(z) = N(0, I).
 # ====================================================================================================
 
+class Tiled:
+    """A generator whose draws repeat along the batch: a draw of [copies * m, ...] is `copies` copies of the
+    [m, ...] draw that `generator` itself gives. savae.py's central differences score lambda + r u and
+    lambda - r u as one batch, each half with the noise of the step it replays."""
+
+    def __init__(self, generator, copies):
+        self.generator, self.copies = generator, copies
+
+    def draw(self, fn, shape, **kwargs):
+        part = fn((shape[0] // self.copies, *shape[1:]), generator=self.generator, **kwargs)
+        return part.repeat(self.copies, *[1] * (len(shape) - 1))
+
+
+def draw(fn, shape, generator=None, **kwargs):
+    """fn(shape) for fn torch.rand or torch.randn, from `generator` (None: the global one; or a Tiled one)."""
+    if isinstance(generator, Tiled):
+        return generator.draw(fn, shape, **kwargs)
+    return fn(shape, generator=generator, **kwargs)
+
+
 def reparameterize(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps: [batch, n, d]."""
     return sample_q(mean, logvar, n, generator)[0]
@@ -56,8 +76,7 @@ def reparameterize(mean, logvar, n=1, generator=None):
 def sample_q(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps, [batch, n, d], and log q(z|x) of each, [batch, n],
     computed from eps: exact even where z - mean rounds to 0 (logvar of -60 and below in float32)."""
-    eps = torch.randn((mean.shape[0], n, mean.shape[1]), generator=generator,
-                      device=mean.device, dtype=mean.dtype)
+    eps = draw(torch.randn, (mean.shape[0], n, mean.shape[1]), generator, device=mean.device, dtype=mean.dtype)
     z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
     return z, -0.5 * (LOG_2PI + logvar.unsqueeze(1) + eps.pow(2)).sum(-1)
 
@@ -100,7 +119,7 @@ def dropout(t, p, training, generator=None):
         return t
     if generator is None:
         return F.dropout(t, p, True)
-    keep = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype) >= p
+    keep = draw(torch.rand, t.shape, generator, device=t.device, dtype=t.dtype) >= p
     return t * keep / (1 - p)
 
 

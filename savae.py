@@ -84,8 +84,9 @@ def hessian_vector(x, kl_weight, generator, step, u):
     """(H_{lambda,lambda} f u, H_{theta,lambda} f u) at lambda_k, replaying step k's eps and dropout masks.
     exact: double backward, with cuDNN off (its LSTM has no double backward).
     central: (grad f(lambda + r u) - grad f(lambda - r u)) / 2r with a step r_i = h / |u_i| for each sentence
-    (h = 2^-8 in float32, 2^-17 in float64: truncation and rounding errors about equal). The decoder's
-    gradient sums over sentences, so f is weighted by 1 / r_i instead of dividing afterwards."""
+    (h = 2^-8 in float32, 2^-17 in float64: truncation and rounding errors about equal), both points scored in
+    one batch of twice the sentences with the step's noise in each half (common.Tiled). The decoder's gradient
+    sums over sentences, so f is weighted by +-1 / r_i instead of subtracting and dividing afterwards."""
     lam_k, _, rng = step
     params = common.trainable(decoder)
     if args.hvp == "exact":
@@ -99,15 +100,14 @@ def hessian_vector(x, kl_weight, generator, step, u):
         return hv[:2], hv[2:]
     h = 2.0 ** -8 if lam_k[0].dtype != torch.float64 else 2.0 ** -17
     size = torch.cat(u, -1).norm(dim=-1, keepdim=True).clamp_min(1e-30)           # |u_i|: [batch, 1]
-    grads = []
-    for sign in (1, -1):
-        generator.set_state(rng)
-        with torch.enable_grad():
-            lam = [(t + (sign * h / size) * v).requires_grad_() for t, v in zip(lam_k, u)]
-            f = (common.svi_objective(decoder, x, *lam, kl_weight, generator) * (size[:, 0] / h)).sum()
-            grads.append(torch.autograd.grad(f, lam + params))
-    hv = [(plus - minus) / 2 for plus, minus in zip(*grads)]
-    return hv[:2], hv[2:]
+    generator.set_state(rng)
+    with torch.enable_grad():                                # lambda + r u and lambda - r u as one batch
+        lam = [torch.cat([t + (h / size) * v, t - (h / size) * v]).requires_grad_() for t, v in zip(lam_k, u)]
+        weight = torch.cat([size[:, 0], -size[:, 0]]) / h
+        f = common.svi_objective(decoder, torch.cat([x, x]), *lam, kl_weight, common.Tiled(generator, 2))
+        grads = torch.autograd.grad((f * weight).sum(), lam + params)          # the minus half weighted by -1
+    batch = x.shape[0]
+    return [(g[:batch] + g[batch:]) / 2 for g in grads[:2]], [g / 2 for g in grads[2:]]
 
 
 def svi_backward(x, kl_weight, trace, lam_bar):
