@@ -179,6 +179,15 @@ class LinearNLL(torch.autograd.Function):
                 grad[:, 0] @ d if need_bias else None, None)
 
 
+def linear_nll(h, weight, bias, target):
+    """-log softmax(h W^T + b)[target] per row: LinearNLL for large [rows, vocabulary] arrays, autograd's
+    cross-entropy for small ones (below 2^18 entries), where the custom function's fixed cost, about 0.15 ms
+    on a CPU, is more than the passes it saves (3% of an SVI step at the synthetic preset's size)."""
+    if h.shape[0] * weight.shape[0] < 2 ** 18:
+        return F.cross_entropy(F.linear(h, weight, bias), target, reduction="none")
+    return LinearNLL.apply(h, weight, bias, target)
+
+
 class LSTMDecoder(nn.Module):
     """p(x|z) = prod_t p(x_t | x_<t, z) with a one-layer LSTM (Kim et al. 2018; He et al. 2019).
     z is joined to every input embedding and sets the initial state (c0 = W z, h0 = tanh(c0)).
@@ -226,7 +235,7 @@ class LSTMDecoder(nn.Module):
         inputs, target, z = x[:, :-1], x[:, 1:].reshape(-1), z.reshape(batch * n, -1)
         if self.z_out is None:
             h, _ = self.hidden(inputs, z, generator=generator)
-            nll = LinearNLL.apply(h.reshape(len(target), -1), self.out.weight, self.out.bias, target)
+            nll = linear_nll(h.reshape(len(target), -1), self.out.weight, self.out.bias, target)
         else:
             logits, _ = self.logits(inputs, z, generator=generator)
             nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), target, reduction="none")

@@ -106,14 +106,17 @@ def test_linear_nll_double_backward():
 
 
 def test_decoder_log_prob_equals_its_logits():
-    """log_prob (fused) against a cross-entropy of the decoder's own logits, dropout masks replayed."""
-    decoder, x = decoder_and_batch()
-    decoder.double().train()
+    """log_prob against a cross-entropy of the decoder's own logits, dropout masks replayed, at a size that
+    takes LinearNLL (2 x 6 x 7 rows x 4,000 words)."""
+    torch.manual_seed(0)
+    decoder = common.LSTMDecoder(vocab_size=4000, emb_dim=8, hidden_dim=16, latent_dim=3, dropout=0.5).double()
+    x = torch.cat([torch.zeros(6, 1, dtype=torch.long), torch.randint(3, 4000, (6, 7))], 1)
     z = torch.randn(6, 2, 3, dtype=torch.float64)
     fused = decoder.log_prob(x, z, torch.Generator().manual_seed(4))
     logits, _ = decoder.logits(x[:, :-1].repeat_interleave(2, 0), z.reshape(12, 3), generator=torch.Generator().manual_seed(4))
     targets = x[:, 1:].repeat_interleave(2, 0)
     reference = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
+    assert 12 * 7 * 4000 >= 2 ** 18 and decoder.training
     assert torch.allclose(fused, reference.view(6, 2), rtol=1e-12, atol=1e-12)
 
 
