@@ -28,8 +28,8 @@ VOCAB = 20000
 
 
 def write_corpus(folder, sentences, seed=0):
-    """train/valid/test.txt; every word of the vocabulary appears in training. He et al.'s copy of the test
-    split is one sentence (their code scores it with 500 samples at the end of a run)."""
+    """train/valid/test.txt; every word of the vocabulary appears in training. The test split is 6 sentences of
+    5 words: He et al.'s code scores it with 500 samples at the end of a run and needs at least 6."""
     rng = np.random.default_rng(seed)
     p = 1 / np.arange(1, VOCAB + 1)
     p /= p.sum()
@@ -39,10 +39,14 @@ def write_corpus(folder, sentences, seed=0):
         return [rng.choice(VOCAB, size=length, p=p) for length in lengths]
     train = draw(sentences)
     words = np.concatenate(train)
+    if len(words) < VOCAB:
+        raise SystemExit(f"error: --sentences {sentences} gives {len(words)} words, fewer than the {VOCAB}-word "
+                         "vocabulary; use --sentences 400 or more")
     missing = np.setdiff1d(np.arange(VOCAB), words)
     words[rng.choice(len(words), size=len(missing), replace=False)] = missing
     train = np.split(words, np.cumsum([len(s) for s in train])[:-1])
-    splits = {"train": train, "valid": draw(32), "test": draw(1)}
+    short = [rng.choice(VOCAB, size=5, p=p) for _ in range(6)]    # their 500-sample test needs 6 sentences
+    splits = {"train": train, "valid": draw(32), "test": short}
     for name, rows in splits.items():
         with open(os.path.join(folder, f"{name}.txt"), "w") as f:
             f.writelines(" ".join(f"w{w}" for w in s) + "\n" for s in rows)
