@@ -17,5 +17,5 @@ def test_bench_runs_every_method_at_a_tiny_size(tmp_path):
     measured = {(r["method"], r["what"].split(" ")[0].rstrip(",")) for r in rows}
     assert measured == {("vae", "training"), ("svi", "training"), ("savae", "training"), ("lagging", "training"),
                         ("iwae", "training"), ("vae", "test"), ("svi", "test")}
-    assert all(r["examples_per_s"] > 0 and r["calls"] >= 2 for r in rows)
+    assert all(r["examples_per_s"] > 0 and r["calls"] >= 1 and r["seconds"] > 0 for r in rows)
     assert proc.stdout.count("| tiny |") == len(rows)                  # the printed table has every row
