@@ -12,6 +12,7 @@ import math
 
 import torch
 
+import analysis
 import common
 import data
 
@@ -20,13 +21,13 @@ common.add_shared_args(parser)
 method = parser.add_argument_group("method")
 method.add_argument("--k", type=int, default=5,
                     help="importance samples per example in training (Burda et al.: 5, 50; 1: the ELBO)")
-args = common.parse_args(parser, "iwae")
+args = common.parse_args(parser, __file__)
 if args.k < 1:
     common.fail("--k must be >= 1")
 
 dataset = data.load(args)
-encoder, decoder = common.build_model(args, dataset)
-modules = {"encoder": encoder, "decoder": decoder}
+encoder, decoder, prior = common.build_model(args, dataset)
+modules = {"encoder": encoder, "decoder": decoder, "prior": prior}
 optimizer = common.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)
 optimizers = {"optimizer": optimizer}
 
@@ -36,11 +37,11 @@ def infer(x):
     return encoder(x)
 
 
-def iwae_bound(decoder, x, z, mean, logvar, kl_weight=1.0):
+def iwae_bound(decoder, prior, x, z, mean, logvar, kl_weight=1.0):
     """From k samples z [batch, k, d] of q = N(mean, exp(logvar)), per example [batch]: the bound L_k,
     and the objective trained, which anneals by weighting log p(z) - log q(z|x) inside each log w_s."""
     log_px_z = decoder.log_prob(x, z)                                        # [batch, k]
-    log_ratio = common.log_prior(z) - common.log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1))
+    log_ratio = prior.log_prob(z) - common.log_normal(z, mean.unsqueeze(1), logvar.unsqueeze(1))
     k = z.shape[1]
     # Burda et al. eq. 8: L_k = log (1/k) sum_s w_s, log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x),
     # as logsumexp: w_s itself underflows (log w_s is tens to hundreds of nats below 0 per sentence).
@@ -55,8 +56,8 @@ def iwae_bound(decoder, x, z, mean, logvar, kl_weight=1.0):
 def train_step(x, kl_weight):
     mean, logvar = encoder(x)                                # once per example, not once per sample
     z = common.reparameterize(mean, logvar, args.k)          # [batch, k, d]
-    bound, objective = iwae_bound(decoder, x, z, mean, logvar, kl_weight)
-    kl = common.kl_normal(mean, logvar)                      # closed form, logged beside the bound
+    bound, objective = iwae_bound(decoder, prior, x, z, mean, logvar, kl_weight)
+    kl = prior.kl(mean, logvar)                              # closed form, logged beside the bound
     loss = -objective.mean()                                 # -L_k, annealed while kl_weight < 1
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -70,12 +71,13 @@ for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
-        common.plot_posterior(args, state["step"], infer, decoder, dataset)
+        analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         bound, kl = train_step(x, kl_weight)
         state["step"] += 1
         meter.add(kl_weight, neg_bound=-bound, kl=kl)        # -L_k: the training log's "neg_bound"
     encoder.eval(), decoder.eval()
-    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    val = common.evaluate(infer, decoder, prior, dataset.batches("valid", args.batch_size), args.val_iw_samples)
     common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
-common.final_test(args, state, infer, decoder, dataset, modules)
+common.final_test(args, state, infer, dataset, modules)
+analysis.report(args, infer, dataset, modules)

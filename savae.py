@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+import analysis
 import common
 import data
 
@@ -38,36 +39,36 @@ method.add_argument("--hvp", default="central", choices=["central", "exact"],
                     help="Hessian-vector products of the backward loop: central differences with a step scaled "
                          "to each sentence's vector (any LSTM, cuDNN included; error about 1e-4 in float32) or "
                          "exact double backward (cuDNN's LSTM has none: switched off for these products)")
-args = common.parse_args(parser, "savae")
+args = common.parse_args(parser, __file__)
 if args.latent_dim < 1 or args.svi_steps < 0:
     common.fail("savae.py needs --latent_dim >= 1 and --svi_steps >= 0")
 
 dataset = data.load(args)
-encoder, decoder = common.build_model(args, dataset)
-modules = {"encoder": encoder, "decoder": decoder}
+encoder, decoder, prior = common.build_model(args, dataset)
+modules = {"encoder": encoder, "decoder": decoder, "prior": prior}
 optimizer = common.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)
 optimizers = {"optimizer": optimizer}
 
 
-def svi_steps(x, mean, logvar, kl_weight, record=False):
-    """The forward loop (F1, F2): K = --svi_steps steps from lambda_0 = (mean, logvar), decoder fixed, each
-    sentence's gradient clipped on its own (mean and logvar separately). Returns (mean_K, logvar_K, trace),
-    detached; with record, trace keeps what the backward loop needs: the generator and, for each step,
-    lambda_k, its gradient and the generator's state before the step (eps and dropout masks to replay)."""
-    generator = common.svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps: == vae
-    lam, trace = [mean.detach(), logvar.detach()], {"generator": generator, "steps": []}
+def svi_steps(x, mean, logvar, kl_weight, trace=None):
+    """K = --svi_steps steps of SGD with momentum (Kim et al. 2018, Alg. 2, F1 and F2) from lambda_0 = (mean,
+    logvar), decoder fixed, each sentence's gradient clipped on its own (mean and logvar separately).
+    Returns (mean_K, logvar_K), detached. With a list `trace`, each step appends what the backward loop needs:
+    lambda_k, its gradient, and the generator's state before the step (to replay its eps and dropout masks)."""
+    generator = common.svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps
+    lam = [mean.detach(), logvar.detach()]
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
-    with torch.enable_grad(), common.svi_mode(decoder):    # decoder frozen; cuDNN also in evaluation
+    with torch.enable_grad(), common.svi_mode(decoder):    # cuDNN's LSTM backward also in evaluation
         for _ in range(args.svi_steps):
             lam = [t.requires_grad_() for t in lam]
             rng = generator.get_state()
-            f = common.svi_objective(decoder, x, *lam, kl_weight, generator).sum()
+            f = common.svi_objective(decoder, prior, x, *lam, kl_weight, generator).sum()
             grads = torch.autograd.grad(f, lam)                      # lambda only: no decoder gradients
-            if record:
-                trace["steps"].append(([t.detach() for t in lam], grads, rng))
+            if trace is not None:
+                trace.append(([t.detach() for t in lam], grads, rng))
             velocity = [args.momentum * v - common.clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]  # (F1)
             lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]                                    # (F2)
-    return lam[0], lam[1], trace
+    return lam[0], lam[1]
 
 
 def clip_rows_vjp(g, v, max_norm):
@@ -80,34 +81,34 @@ def clip_rows_vjp(g, v, max_norm):
     return torch.where(norm > max_norm, (max_norm / norm) * (v - n * (n * v).sum(-1, keepdim=True)), v)
 
 
-def hessian_vector(x, kl_weight, generator, step, u):
-    """(H_{lambda,lambda} f u, H_{theta,lambda} f u) at lambda_k, replaying step k's eps and dropout masks.
-    exact: double backward, with cuDNN off (its LSTM has no double backward).
+def hessian_vector(x, kl_weight, lam_k, rng, u):
+    """(H_{lambda,lambda} f u, H_{theta,lambda} f u) at lambda_k, replaying step k's eps and dropout masks (the
+    generator's state `rng` before the step). exact: double backward, with cuDNN off (its LSTM has none).
     central: (grad f(lambda + r u) - grad f(lambda - r u)) / 2r with a step r_i = h / |u_i| for each sentence
-    (h = 2^-8 in float32, 2^-17 in float64: truncation and rounding errors about equal), both points scored in
-    one batch of twice the sentences with the step's noise in each half (common.Tiled). The decoder's gradient
-    sums over sentences, so f is weighted by +-1 / r_i instead of subtracting and dividing afterwards."""
-    lam_k, _, rng = step
-    params = common.trainable(decoder)
+    (h = 2^-8 in float32, 2^-17 in float64: truncation and rounding errors about equal), each point scored with
+    step k's noise. The decoder's gradient sums over sentences, so f is weighted by +-1 / r_i instead of
+    subtracting and dividing afterwards."""
+    params, generator = common.trainable(decoder), torch.Generator(device=x.device)
     if args.hvp == "exact":
         generator.set_state(rng)
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
             lam = [t.clone().requires_grad_() for t in lam_k]
-            f = common.svi_objective(decoder, x, *lam, kl_weight, generator).sum()
+            f = common.svi_objective(decoder, prior, x, *lam, kl_weight, generator).sum()
             grads = torch.autograd.grad(f, lam, create_graph=True)
             hv = torch.autograd.grad(grads, lam + params, grad_outputs=u, allow_unused=True)
         hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, lam + params)]
         return hv[:2], hv[2:]
     h = 2.0 ** -8 if lam_k[0].dtype != torch.float64 else 2.0 ** -17
     size = torch.cat(u, -1).norm(dim=-1, keepdim=True).clamp_min(1e-30)           # |u_i|: [batch, 1]
-    generator.set_state(rng)
-    with torch.enable_grad():                                # lambda + r u and lambda - r u as one batch
-        lam = [torch.cat([t + (h / size) * v, t - (h / size) * v]).requires_grad_() for t, v in zip(lam_k, u)]
-        weight = torch.cat([size[:, 0], -size[:, 0]]) / h
-        f = common.svi_objective(decoder, torch.cat([x, x]), *lam, kl_weight, common.Tiled(generator, 2))
-        grads = torch.autograd.grad((f * weight).sum(), lam + params)          # the minus half weighted by -1
-    batch = x.shape[0]
-    return [(g[:batch] + g[batch:]) / 2 for g in grads[:2]], [g / 2 for g in grads[2:]]
+    with torch.enable_grad():
+        points, weighted = [], 0
+        for sign in (1, -1):                                 # lambda + r u, then lambda - r u
+            generator.set_state(rng)
+            points += [(t + sign * (h / size) * v).requires_grad_() for t, v in zip(lam_k, u)]
+            f = common.svi_objective(decoder, prior, x, *points[-2:], kl_weight, generator)
+            weighted = weighted + (f * sign * size[:, 0] / h).sum()
+        grads = torch.autograd.grad(weighted, points + params)
+    return [(plus + minus) / 2 for plus, minus in zip(grads[:2], grads[2:4])], [g / 2 for g in grads[4:]]
 
 
 def svi_backward(x, kl_weight, trace, lam_bar):
@@ -118,11 +119,11 @@ def svi_backward(x, kl_weight, trace, lam_bar):
     params = common.trainable(decoder)
     v_bar = [torch.zeros_like(t) for t in lam_bar]                                        # v-bar_K = 0
     theta_bar = [torch.zeros_like(p) for p in params]
-    for step in reversed(trace["steps"]):
+    for lam_k, grads_k, rng in reversed(trace):
         v_bar = [v + args.svi_lr * l for v, l in zip(v_bar, lam_bar)]                     # (B1)
         # (F1) used clip(grad f(lambda_k)): the adjoint passes through the clip before the Hessian
-        u = [clip_rows_vjp(g, v, args.svi_clip) for g, v in zip(step[1], v_bar)]
-        h_lam, h_theta = hessian_vector(x, kl_weight, trace["generator"], step, u)
+        u = [clip_rows_vjp(g, v, args.svi_clip) for g, v in zip(grads_k, v_bar)]
+        h_lam, h_theta = hessian_vector(x, kl_weight, lam_k, rng, u)
         lam_bar = [l - h for l, h in zip(lam_bar, h_lam)]                                 # (B2)
         for total, h in zip(theta_bar, h_theta):
             total.sub_(h)                                                                 # (B3)
@@ -134,18 +135,17 @@ def svi_backward(x, kl_weight, trace, lam_bar):
 
 def infer(x):
     """q(z|x): the encoder's lambda_0, refined by K SVI steps (which enable gradients themselves)."""
-    mean, logvar, _ = svi_steps(x, *encoder(x), 1.0)
-    return mean, logvar
+    return svi_steps(x, *encoder(x), 1.0)
 
 
 def train_step(x, kl_weight):
     mean0, logvar0 = encoder(x)                              # lambda_0 = enc(x; phi)      (Kim et al. 2018, Alg. 2)
-    record = args.variant == "savae"                         # keep the steps for the backward loop
-    mean, logvar, trace = svi_steps(x, mean0, logvar0, kl_weight, record)             # (F1, F2)
+    trace = [] if args.variant == "savae" else None          # the steps, kept for the backward loop
+    mean, logvar = svi_steps(x, mean0, logvar0, kl_weight, trace)                     # (F1, F2)
     mean.requires_grad_(), logvar.requires_grad_()           # lambda_K, a leaf: backward() leaves lambda-bar_K in .grad
     z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
     rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
-    kl = common.kl_normal(mean, logvar)                      # closed form
+    kl = prior.kl(mean, logvar)                              # closed form
     loss = (rec + kl_weight * kl).mean()                     # L = f(lambda_K), KL weighted while annealing
     optimizer.zero_grad(set_to_none=True)
     loss.backward()                                          # theta-bar = grad_theta L, and lambda-bar_K
@@ -153,7 +153,7 @@ def train_step(x, kl_weight):
         grads = svi_backward(x, kl_weight, trace, [mean.grad, logvar.grad])
     elif args.variant == "vae+svi":                          # encoder: the ordinary ELBO at lambda_0 (not decoder)
         z0 = common.reparameterize(mean0, logvar0)
-        loss0 = (-decoder.log_prob(x, z0)[:, 0] + kl_weight * common.kl_normal(mean0, logvar0)).mean()
+        loss0 = (-decoder.log_prob(x, z0)[:, 0] + kl_weight * prior.kl(mean0, logvar0)).mean()
         grads = torch.autograd.grad(loss0, [mean0, logvar0])
     else:                                                    # encoder: KL(q(lambda_0) || q(lambda_K)), lambda_K fixed
         kl0 = 0.5 * (logvar - logvar0 + (logvar0.exp() + (mean0 - mean).pow(2)) / logvar.exp() - 1).sum(-1)
@@ -169,12 +169,13 @@ for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
-        common.plot_posterior(args, state["step"], infer, decoder, dataset)
+        analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         rec, kl = train_step(x, kl_weight)
         state["step"] += 1
         meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)
     encoder.eval(), decoder.eval()
-    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    val = common.evaluate(infer, decoder, prior, dataset.batches("valid", args.batch_size), args.val_iw_samples)
     common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
-common.final_test(args, state, infer, decoder, dataset, modules)
+common.final_test(args, state, infer, dataset, modules)
+analysis.report(args, infer, dataset, modules)

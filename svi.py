@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+import analysis
 import common
 import data
 
@@ -26,7 +27,7 @@ method.add_argument("--svi_lr", type=float, default=1 / 32,
 method.add_argument("--momentum", type=float, default=0.5, help="momentum of the SVI steps")
 method.add_argument("--svi_clip", type=float, default=5.0,
                     help="clip each sentence's mean and logvar gradients (separately) to this norm (0: off)")
-args = common.parse_args(parser, "svi")
+args = common.parse_args(parser, __file__)
 if args.latent_dim < 1 or args.svi_steps < 0:
     common.fail("svi.py needs --latent_dim >= 1 and --svi_steps >= 0")
 if args.oracle and args.epochs and not args.eval_only:
@@ -34,8 +35,8 @@ if args.oracle and args.epochs and not args.eval_only:
                 "add --epochs 0 to score SVI's inference with the true generator")
 
 dataset = data.load(args)
-_, decoder = common.build_model(args, dataset)      # no encoder (built anyway: same decoder init as vae.py)
-modules = {"decoder": decoder}
+_, decoder, prior = common.build_model(args, dataset)      # no encoder (built anyway: same decoder init as vae.py)
+modules = {"decoder": decoder, "prior": prior}
 optimizer = common.make_optimizer(decoder.parameters(), args)
 optimizers = {"optimizer": optimizer}
 
@@ -44,13 +45,13 @@ def svi_steps(x, mean, logvar, kl_weight):
     """K = --svi_steps steps of SGD with momentum (Kim et al. 2018, Alg. 2, F1 and F2) from lambda_0 = (mean,
     logvar), decoder fixed, each sentence's gradient clipped on its own (mean and logvar separately).
     Returns (mean_K, logvar_K), detached."""
-    generator = common.svi_generator(x.device) if args.svi_steps else None
+    generator = common.svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps
     lam = [mean.detach(), logvar.detach()]
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
-    with torch.enable_grad(), common.svi_mode(decoder):    # decoder frozen; cuDNN also in evaluation
+    with torch.enable_grad(), common.svi_mode(decoder):    # cuDNN's LSTM backward also in evaluation
         for _ in range(args.svi_steps):
             lam = [t.requires_grad_() for t in lam]
-            f = common.svi_objective(decoder, x, *lam, kl_weight, generator).sum()
+            f = common.svi_objective(decoder, prior, x, *lam, kl_weight, generator).sum()
             grads = torch.autograd.grad(f, lam)                      # lambda only: no decoder gradients
             velocity = [args.momentum * v - common.clip_rows(g, args.svi_clip) for v, g in zip(velocity, grads)]  # (F1)
             lam = [t.detach() + args.svi_lr * v for t, v in zip(lam, velocity)]                                    # (F2)
@@ -68,7 +69,7 @@ def train_step(x, kl_weight):
     mean, logvar = infer(x, kl_weight)                       # lambda_K, a constant for the decoder step
     z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
     rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
-    kl = common.kl_normal(mean, logvar)                      # closed form
+    kl = prior.kl(mean, logvar)                              # closed form
     loss = (rec + kl_weight * kl).mean()                     # -ELBO at lambda_K, KL weighted while annealing
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -82,12 +83,13 @@ for epoch in common.epochs(args, state):
     decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
-        common.plot_posterior(args, state["step"], infer, decoder, dataset)
+        analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         rec, kl = train_step(x, kl_weight)
         state["step"] += 1
         meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)
     decoder.eval()
-    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    val = common.evaluate(infer, decoder, prior, dataset.batches("valid", args.batch_size), args.val_iw_samples)
     common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
-common.final_test(args, state, infer, decoder, dataset, modules)
+common.final_test(args, state, infer, dataset, modules)
+analysis.report(args, infer, dataset, modules)

@@ -10,16 +10,17 @@ Reproduce: python vae.py --dataset yahoo --cuda            (VAE + annealing)
 """
 import argparse
 
+import analysis
 import common
 import data
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
 common.add_shared_args(parser)
-args = common.parse_args(parser, "vae")
+args = common.parse_args(parser, __file__)
 
 dataset = data.load(args)
-encoder, decoder = common.build_model(args, dataset)
-modules = {"encoder": encoder, "decoder": decoder}
+encoder, decoder, prior = common.build_model(args, dataset)
+modules = {"encoder": encoder, "decoder": decoder, "prior": prior}
 optimizer = common.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)
 optimizers = {"optimizer": optimizer}
 
@@ -33,7 +34,7 @@ def train_step(x, kl_weight):
     mean, logvar = encoder(x)
     z = common.reparameterize(mean, logvar)                  # [batch, 1, d], one sample
     rec = -decoder.log_prob(x, z)[:, 0]                      # -log p(x|z)
-    kl = common.kl_normal(mean, logvar)                      # closed form
+    kl = prior.kl(mean, logvar)                              # closed form
     loss = (rec + kl_weight * kl).mean()                     # -ELBO, KL weighted while annealing
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -47,12 +48,13 @@ for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
     meter = common.Meter(args, epoch)
     for x in dataset.batches("train", args.batch_size, shuffle=True):
-        common.plot_posterior(args, state["step"], infer, decoder, dataset)
+        analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))
         rec, kl = train_step(x, kl_weight)
         state["step"] += 1
         meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)
     encoder.eval(), decoder.eval()
-    val = common.evaluate(infer, decoder, dataset.batches("valid", args.batch_size), args.val_iw_samples)
+    val = common.evaluate(infer, decoder, prior, dataset.batches("valid", args.batch_size), args.val_iw_samples)
     common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)
-common.final_test(args, state, infer, decoder, dataset, modules)
+common.final_test(args, state, infer, dataset, modules)
+analysis.report(args, infer, dataset, modules)

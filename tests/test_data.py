@@ -1,14 +1,18 @@
-"""Text parsing, vocabulary, batching and the synthetic generator."""
+"""Text parsing, vocabulary, batching, the synthetic generators (He et al.'s text, Kim et al.'s oracle data), Omniglot's
+loader and binarisation, and --export."""
 import argparse
 import collections
+import math
 import os
 import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
+import common
 import data
 from conftest import ROOT
 
@@ -72,9 +76,15 @@ def test_train_size_takes_the_first_sentences(tmp_path):
     assert ds.size("train") == 2 and set(ds.vocab[3:]) == {"a", "b", "c", "d", "e"}
 
 
-def test_missing_and_empty_files_give_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"data folder .*nowhere does not exist.*Yahoo Answers"):
+def test_missing_and_empty_files_give_one_clear_line_naming_the_download_command(tmp_path):
+    with pytest.raises(SystemExit, match=r"data folder .*nowhere does not exist.*Yahoo Answers.*"
+                                         r"run python data\.py --download yahoo --data_dir .*nowhere to fetch it"):
         data.load(types.SimpleNamespace(dataset="yahoo", data_dir=str(tmp_path / "nowhere"),
+                                        train_size=0, seed=0, device="cpu"))
+    (tmp_path / "ptb").mkdir()
+    with pytest.raises(SystemExit, match=r"no train file for --dataset ptb: .*train\.txt \(or ptb\.train\.txt\).*"
+                                         r"Penn Treebank.*run python data\.py --download ptb --data_dir "):
+        data.load(types.SimpleNamespace(dataset="ptb", data_dir=str(tmp_path / "ptb"),
                                         train_size=0, seed=0, device="cpu"))
     folder = write_corpus(tmp_path / "c", ["a b"], ["a"], ["b"])
     (folder / "test.txt").unlink()
@@ -124,3 +134,69 @@ def test_export_writes_the_built_in_data_as_text_and_never_overwrites(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
     assert len((out / "train.txt").read_text().splitlines()) == 16000
+
+
+ORACLE_ARGS = types.SimpleNamespace(dataset="synthetic_oracle", train_size=0, seed=0, device="cpu")
+
+
+def test_synthetic_oracle_data_is_drawn_from_its_true_decoder():
+    dataset = data.load(ORACLE_ARGS)
+    decoder = dataset.true_decoder
+    assert isinstance(decoder, common.LSTMDecoder) and dataset.vocab_size == 1003
+    assert {s: dataset.size(s) for s in ("train", "valid", "test")} == {"train": 5000, "valid": 500, "test": 500}
+    x, z = dataset.by_length["train"][6], dataset.true_z["train"]
+    assert list(dataset.by_length["train"]) == [6] and (x[:, 0] == data.BOS).all()
+    assert x[:, 1:].min() >= len(data.SPECIALS) and x.max() < 1003   # five words, never <s>, </s> or <unk>
+    assert not any(p.requires_grad for p in decoder.parameters())
+    assert decoder.init_state.weight.abs().max() == 0 and decoder.lstm.weight_ih_l0[:, 100:].abs().max() == 0
+    again = data.load(ORACLE_ARGS)
+    assert torch.equal(again.by_length["train"][6], x)                # the same data on every machine
+
+    with torch.no_grad():
+        true = decoder.log_prob(x, z.unsqueeze(1))[:, 0]
+        # the first word's log-likelihood under the decoder's own logits matches its expectation (minus the
+        # entropy) over the sampled data: sampling and log_prob describe the same distribution
+        logits, _ = decoder.logits(x[:, :1], z)
+        log_p = logits[:, 0].log_softmax(-1)
+        observed = log_p.gather(1, x[:, 1:2])[:, 0]
+        expected = (log_p.exp() * log_p).sum(-1)
+        diff = observed - expected
+        assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(len(diff)), (observed.mean(), expected.mean())
+
+        perturbed = data.oracle_generator()[0]
+        perturbed.out.weight.add_(0.3 * torch.randn(perturbed.out.weight.shape, generator=torch.Generator().manual_seed(0)))
+        assert (true - perturbed.log_prob(x, z.unsqueeze(1))[:, 0]).mean() > 0.5     # a KL: > 0 for the true one
+        shuffled = decoder.log_prob(x, z[torch.randperm(len(z), generator=torch.Generator().manual_seed(0))].unsqueeze(1))
+        assert (true - shuffled[:, 0]).mean() > 5                      # z matters: a few nats of information
+        assert -true.mean() / 5 < math.log(1000) - 1                   # and the words are far from uniform
+
+
+def test_omniglot_mat_loader_keeps_orientation(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    images = np.zeros((3, 28, 28))
+    images[0, 2, 20] = 1.0                        # one bright pixel: row 2, column 20
+    images[1, :, 5] = 0.5                         # a vertical bar in column 5
+    images[2, 27, :] = 1.0                        # the bottom row
+    columns = np.stack([im.flatten(order="F") for im in images], 1)     # MATLAB's column-major layout
+    scipy_io.savemat(tmp_path / "chardata.mat", {"data": columns, "testdata": columns[:, :2],
+                                                  "target": np.eye(3), "testtarget": np.eye(2)})
+    loaded = data.read_omniglot_mat(str(tmp_path / "chardata.mat"))
+    assert loaded["train"].shape == (3, 28, 28) and loaded["test"].shape == (2, 28, 28)
+    torch.testing.assert_close(loaded["train"], torch.tensor(images, dtype=torch.float32))
+
+
+def test_omniglot_split_and_binarisation(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    grey = np.random.default_rng(0).random((784, 60))
+    scipy_io.savemat(tmp_path / "chardata.mat", {"data": grey, "testdata": grey[:, :10]})
+    args = types.SimpleNamespace(data_dir=str(tmp_path), dataset="omniglot", train_size=0, seed=0, device="cpu")
+    ds = data.load_omniglot(args, valid_count=15)
+    assert (ds.size("train"), ds.size("valid"), ds.size("test")) == (45, 15, 10)
+    assert ds.batches("valid", 100)[0].equal(ds.batches("valid", 100)[0])      # binarised once
+    for split in ("train", "valid", "test"):
+        assert set(torch.cat(ds.batches(split, 7)).unique().tolist()) <= {0.0, 1.0}
+    first, second = (torch.cat(ds.batches("train", 100, shuffle=False)) for _ in range(2))
+    assert not first.equal(second)                # training images re-binarised every epoch
+    (tmp_path / "chardata.mat").unlink()
+    with pytest.raises(SystemExit, match=r"chardata\.mat.*yburda/iwae"):
+        data.load_omniglot(args)

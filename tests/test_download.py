@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import types
 
@@ -36,31 +35,20 @@ def fake_mat(train=5, test=2):
 @pytest.fixture
 def server():
     """Serves `files` {url path: bytes}; `truncate` paths send half the body after announcing all of it;
-    `ignore_range` paths always answer 200 with the whole body; every request is logged as (path, Range)."""
-    state = types.SimpleNamespace(files={}, truncate=set(), ignore_range=set(), log=[])
+    every request is logged as (path, Range header)."""
+    state = types.SimpleNamespace(files={}, truncate=set(), log=[])
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            asked = self.headers.get("Range")
-            state.log.append((self.path, asked))
+            state.log.append((self.path, self.headers.get("Range")))
             body = state.files.get(self.path)
             if body is None:
                 self.send_error(404)
                 return
-            start = int(asked.split("=")[1].rstrip("-")) if asked and self.path not in state.ignore_range else 0
-            if start >= len(body) > 0:
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206 if start else 200)
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            self.send_header("Content-Length", str(len(body) - start))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            rest = body[start:]
-            self.wfile.write(rest[:len(rest) // 2] if self.path in state.truncate else rest)
+            self.wfile.write(body[:len(body) // 2] if self.path in state.truncate else body)
 
         def log_message(self, *args):
             pass
@@ -107,60 +95,51 @@ def test_download_puts_files_where_the_loaders_read_them_and_a_second_run_does_n
     assert (ptb / "valid.txt").read_text() == "one line\n"
 
 
-def test_sources_are_tried_in_order_checksums_are_checked_and_archives_are_read(server, tmp_path, monkeypatch):
+def test_sources_are_tried_in_order_and_checksums_are_checked(server, tmp_path, monkeypatch):
     monkeypatch.delenv("VI_DATA_MIRROR", raising=False)
     monkeypatch.setitem(data.DOWNLOADS["yahoo"], "expect", dict(TEXT))
     serve_text(server, "/first")
     del server.files["/first/test.txt"]                                  # the first source lacks one file
-    packed = {name: lines(count, "packed " + name) for name, count in TEXT.items()}
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        for name, body in packed.items():
-            info = tarfile.TarInfo(f"./corpus/yahoo.{name}")
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    server.files["/second/corpus.tar.gz"] = archive.getvalue()
-    md5 = {name: "md5:" + hashlib.md5(body).hexdigest() for name, body in packed.items()}
+    second = {name: lines(count, "second " + name) for name, count in TEXT.items()}
+    for name, body in second.items():
+        server.files[f"/second/yahoo.{name}"] = body
+    md5 = {name: "md5:" + hashlib.md5(body).hexdigest() for name, body in second.items()}
     first = {"url": server.url + "/first/", "files": {name: (name, None) for name in TEXT}}
-    second = {"url": server.url + "/second/corpus.tar.gz", "archive": "corpus.tar.gz",
-              "files": {name: (f"corpus/yahoo.{name}", md5[name]) for name in TEXT}}
-    monkeypatch.setitem(data.DOWNLOADS["yahoo"], "sources", [first, second])
+    monkeypatch.setitem(data.DOWNLOADS["yahoo"], "sources", [
+        first, {"url": server.url + "/second/", "files": {name: (f"yahoo.{name}", md5[name]) for name in TEXT}}])
     folder = tmp_path / "yahoo"
     data.download("yahoo", str(folder))
     # every file from the one source that had them all, so train.txt is not the first source's
-    assert {name: (folder / name).read_bytes() for name in TEXT} == packed
-    assert sorted(os.listdir(folder)) == ["test.txt", "train.txt", "valid.txt"]    # archive and parts removed
+    assert {name: (folder / name).read_bytes() for name in TEXT} == second
+    assert sorted(os.listdir(folder)) == ["test.txt", "train.txt", "valid.txt"]    # no .part left
+    # the first source alone: train.txt and valid.txt arrive, test.txt does not; none of them is left behind
+    monkeypatch.setitem(data.DOWNLOADS["yahoo"], "sources", [first])
+    with pytest.raises(SystemExit, match=r"first/test\.txt \(HTTP 404"):
+        data.download("yahoo", str(tmp_path / "partial"))
+    assert not (tmp_path / "partial").exists()
     # a wrong checksum: an error naming the URL, and nothing left under any name
     wrong = dict(first, files={name: (name, "sha256:" + "0" * 64) for name in TEXT})
     server.files["/first/test.txt"] = lines(2, "test")
     monkeypatch.setitem(data.DOWNLOADS["yahoo"], "sources", [wrong])
-    with pytest.raises(SystemExit, match=r"first/train\.txt \(wrong content: its sha256 checksum is \w+, not 0+;"):
+    with pytest.raises(SystemExit, match=r"first/train\.txt \(wrong content: its sha256 checksum is \w+, not 0+\)"):
         data.download("yahoo", str(tmp_path / "again"))
     assert not (tmp_path / "again").exists()
-    assert data.checksum(str(folder / "train.txt"), "sha256") == hashlib.sha256(packed["train.txt"]).hexdigest()
+    assert data.checksum(str(folder / "train.txt"), "sha256") == hashlib.sha256(second["train.txt"]).hexdigest()
 
 
-def test_a_part_file_is_continued_with_range_or_fetched_again(server, tmp_path, monkeypatch):
+def test_a_part_file_left_by_an_interrupted_run_is_fetched_again_from_the_start(server, tmp_path, monkeypatch):
     monkeypatch.setitem(data.DOWNLOADS["ptb"], "expect", dict(TEXT))
     monkeypatch.setenv("VI_DATA_MIRROR", server.url)
     serve_text(server, "/ptb")
-    body = server.files["/ptb/train.txt"]
     folder = tmp_path / "ptb"
     folder.mkdir()
-    (folder / "train.txt.part").write_bytes(body[:40])
-    (folder / "valid.txt.part").write_bytes(b"not the start of valid.txt\n")    # continued, fails, fetched again
-    server.ignore_range.add("/ptb/test.txt")
-    (folder / "test.txt.part").write_bytes(server.files["/ptb/test.txt"][:10])  # server ignores Range: restart
-    terminal = io.StringIO()
-    terminal.isatty = lambda: True
-    monkeypatch.setattr(sys, "stderr", terminal)
+    (folder / "train.txt.part").write_bytes(server.files["/ptb/train.txt"][:40])     # the start of the right file
+    (folder / "valid.txt.part").write_bytes(b"not the start of valid.txt\n" * 100)   # longer than the right one
     data.download("ptb", str(folder))
-    assert ("/ptb/train.txt", "bytes=40-") in server.log
-    assert [entry for entry in server.log if entry[0] == "/ptb/valid.txt"][-1] == ("/ptb/valid.txt", None)
+    assert all(asked is None for _, asked in server.log) and len(server.log) == 3   # no Range: whole files
     for name in TEXT:
         assert (folder / name).read_bytes() == server.files[f"/ptb/{name}"]
     assert sorted(os.listdir(folder)) == ["test.txt", "train.txt", "valid.txt"]
-    assert "\r  train.txt.part" in terminal.getvalue()                             # a progress bar on a terminal
 
 
 def free_port():
@@ -181,8 +160,8 @@ def test_cli_failures_are_one_line_naming_the_url_and_leave_no_final_file(server
             [sys.executable, os.path.join(ROOT, "data.py"), "--download", "ptb", "--data_dir", str(tmp_path / case)],
             cwd=ROOT, env={**os.environ, "VI_DATA_MIRROR": mirror, "OMP_NUM_THREADS": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    expected = {"short": r"/short/ptb/train\.txt \(wrong content: it has 5 lines, not 42068; removed\)",
-                "cut": r"/cut/ptb/train\.txt \(the connection closed after \d+ of \d+ bytes; .*\.part is kept",
+    expected = {"short": r"/short/ptb/train\.txt \(wrong content: it has 5 lines, not 42068\)",
+                "cut": r"/cut/ptb/train\.txt \(the connection closed after \d+ of \d+ bytes\)",
                 "missing": r"/none/ptb/train\.txt \(HTTP 404",
                 "refused": r"127\.0\.0\.1:\d+/ptb/train\.txt \(cannot reach it: .*refused"}
     for case, run in runs.items():
@@ -192,18 +171,14 @@ def test_cli_failures_are_one_line_naming_the_url_and_leave_no_final_file(server
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: could not download ptb: tried "), err
         assert re.search(expected[case], err), (case, err)
         assert f"By hand: save {cases[case]}/ptb/train.txt as {tmp_path / case / 'train.txt'}" in err, err
-        folder = tmp_path / case
-        assert not (folder / "train.txt").exists()
-        left = sorted(os.listdir(folder)) if folder.exists() else []
-        assert left == (["train.txt.part"] if case == "cut" else []), (case, left)
+        assert not (tmp_path / case).exists(), case                    # no file, no .part, no empty folder
 
 
-def test_missing_data_names_the_download_command_and_helpers_count_right(tmp_path):
-    with pytest.raises(SystemExit, match=r"does not exist.*run python data\.py --download yahoo --data_dir "):
-        data.load(types.SimpleNamespace(dataset="yahoo", data_dir=str(tmp_path / "nowhere"), train_size=0, seed=0,
-                                        device="cpu"))
+def test_helpers_name_the_command_and_count_right(tmp_path):
     assert data.download_command("ptb", os.path.join("data", "ptb")) == "python data.py --download ptb"
+    assert data.download_command("text", "corpus") is None
     (tmp_path / "a.txt").write_bytes(b"hello\n")
     assert data.checksum(str(tmp_path / "a.txt"), "git") == "ce013625030ba8dba906f756967f9e9ca394464a"  # as git gives
     (tmp_path / "b.txt").write_bytes(b"one\ntwo")                                  # no newline at the end
-    assert data.count_lines(str(tmp_path / "b.txt")) == 2
+    assert data.content_problem(str(tmp_path / "b.txt"), 2) is None
+    assert data.content_problem(str(tmp_path / "b.txt"), 3) == "it has 2 lines, not 3"

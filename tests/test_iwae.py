@@ -32,6 +32,7 @@ def load_function(script, name):
 
 
 iwae_bound = load_function("iwae.py", "iwae_bound")
+PRIOR = common.StandardNormal(None)           # p(z) = N(0, I): its methods do not depend on d
 
 
 class LinearGaussianDecoder:
@@ -41,7 +42,7 @@ class LinearGaussianDecoder:
     def __init__(self, W, b, sigma):
         self.W, self.b, self.sigma = W, b, sigma
 
-    def log_prob(self, x, z):                       # the decoder interface: z [batch, n, d] -> [batch, n]
+    def log_prob(self, x, z, generator=None):       # the decoder interface: z [batch, n, d] -> [batch, n]
         mu = z @ self.W.T + self.b
         return -0.5 * ((x.unsqueeze(1) - mu) ** 2 / self.sigma ** 2 + LOG_2PI + 2 * math.log(self.sigma)).sum(-1)
 
@@ -89,7 +90,7 @@ def test_k1_is_the_single_sample_elbo_on_the_same_z(kl_weight):
     decoder, x, mean, logvar = small_text_model()
     eps = torch.randn(4, 1, 3, dtype=torch.float64)
     z = mean.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps
-    bound, objective = iwae_bound(decoder, x, z, mean, logvar, kl_weight)
+    bound, objective = iwae_bound(decoder, PRIOR, x, z, mean, logvar, kl_weight)
     log_px_z = decoder.log_prob(x, z)[:, 0]
     log_pz = -0.5 * (LOG_2PI + z[:, 0] ** 2).sum(-1)              # written out, not common's helpers
     log_qz = -0.5 * (LOG_2PI + logvar + eps[:, 0] ** 2).sum(-1)
@@ -108,8 +109,8 @@ def test_k1_is_the_vae_loss_in_expectation(kl_weight):
     z = common.reparameterize(repeat_rows(mean, S), repeat_rows(logvar, S))     # [4 S, 1, d]
     xs, means, logvars = repeat_rows(x, S), repeat_rows(mean, S), repeat_rows(logvar, S)
     with torch.no_grad():
-        _, objective = iwae_bound(decoder, xs, z, means, logvars, kl_weight)
-        vae_objective = decoder.log_prob(xs, z)[:, 0] - kl_weight * common.kl_normal(means, logvars)
+        _, objective = iwae_bound(decoder, PRIOR, xs, z, means, logvars, kl_weight)
+        vae_objective = decoder.log_prob(xs, z)[:, 0] - kl_weight * PRIOR.kl(means, logvars)
     diff = (objective - vae_objective).view(4, S)                # same z: only the KL estimate differs
     se = diff.std(1) / math.sqrt(S)
     assert (se > 0).all()
@@ -136,7 +137,7 @@ def estimate_bound(decoder, x, mean, logvar, k, reps):
     """Mean and standard error of iwae_bound over `reps` independent draws of k samples: [batch] each."""
     n = x.shape[0]
     z = common.reparameterize(repeat_rows(mean, reps), repeat_rows(logvar, reps), k)
-    bound, _ = iwae_bound(decoder, repeat_rows(x, reps), z, repeat_rows(mean, reps), repeat_rows(logvar, reps))
+    bound, _ = iwae_bound(decoder, PRIOR, repeat_rows(x, reps), z, repeat_rows(mean, reps), repeat_rows(logvar, reps))
     bound = bound.view(n, reps)
     return bound.mean(1), bound.std(1) / math.sqrt(reps)
 
@@ -211,7 +212,7 @@ def test_gradient_is_unbiased_for_grad_of_bound():
     bias = torch.tensor([params["b0"], params["b1"]], dtype=torch.float64).repeat(R, 1, 1).requires_grad_()
     decoder = LinearGaussianDecoder(W.view(2, 1), bias, sigma)
     z = common.reparameterize(mean, logvar, k)
-    bound, _ = iwae_bound(decoder, x.expand(R, -1), z, mean, logvar)
+    bound, _ = iwae_bound(decoder, PRIOR, x.expand(R, -1), z, mean, logvar)
     bound.sum().backward()
     value_se = bound.std().item() / math.sqrt(R)
     assert abs(bound.mean().item() - exact(params).item()) < 4 * value_se

@@ -1,7 +1,8 @@
-"""Reliability (issue 15): no result, checkpoint or log line lost or overwritten; resume equal to a straight run,
-also after a kill between the log line and the checkpoint's rename and for a run that had already stopped;
-flags compared on --resume; divergence stops with one line and can continue from the best weights; bad flags,
-unwritable folders and text-input quirks get one line, never a traceback.
+"""Reliability: no result, checkpoint or log line lost or overwritten; one run per folder (a lock held while the
+run lives, released even when it is killed); resume equal to a straight run, also after a kill that left the log
+ahead of the checkpoint and for a run that had already stopped; flags compared on --resume; divergence stops with
+one line and can continue from the best weights; bad flags, unwritable folders and text-input quirks get one
+line, never a traceback.
 The runs are tiny and started in parallel; assertions compare runs on this machine, never fixed numbers."""
 import argparse
 import json
@@ -10,6 +11,7 @@ import os
 import runpy
 import shutil
 import sys
+import time
 import types
 
 import pytest
@@ -45,14 +47,13 @@ def refused(monkeypatch, script, *argv):
     """Run a script's setup in this process (fast: no new interpreter) and return the one-line error it stops
     with. parse_args refuses bad flags before any data is read."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    monkeypatch.setattr(common, "LOADED", {})
     with pytest.raises(SystemExit) as stop:
         if script == "lagging.py":
             runpy.run_path(os.path.join(ROOT, script), run_name="__test__")
         else:
             parser = argparse.ArgumentParser()
             common.add_shared_args(parser)
-            common.parse_args(parser, script[:-3])
+            common.parse_args(parser, script)
     message = str(stop.value)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
@@ -64,8 +65,9 @@ def read_log(folder):
 
 
 def files(folder):
-    """Every file of a run folder with its bytes (to show that nothing was changed)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file of a run folder with its bytes (to show that nothing was changed), but the lock file: it names
+    the last process that held the folder."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "lock"}
 
 
 @pytest.fixture(scope="module")
@@ -143,22 +145,42 @@ def test_a_new_run_never_lands_in_a_folder_that_holds_a_run(runs, tmp_path, monk
     one_line_error(proc.returncode, proc.stdout + proc.stderr, "already holds a run")
 
 
-def test_resume_after_a_kill_between_log_line_and_rename_equals_the_straight_run(runs, tmp_path):
-    """The kill left: the log one epoch ahead of model.pt (its line is written before the rename), a line cut
-    off mid-write, and a partial model.pt.tmpPID of the dead process. Resume drops the two lines, removes
-    the temporary file and gives the straight run's log and metrics."""
+def test_resume_after_a_kill_that_left_the_log_ahead_equals_the_straight_run(runs, tmp_path):
+    """The kill left: the log ahead of model.pt, a line cut off mid-write, and a partial model.pt.tmp. The log
+    lines live in the checkpoint, so resume writes log.jsonl again from it; the next save replaces the temporary
+    file; the log and metrics are the straight run's."""
     one = copy_run(runs, "one", tmp_path)
     (one / "metrics.json").unlink()
     with open(one / "log.jsonl", "a") as f:
         f.write('{"epoch": 2, "lr": 1.0}\n{"epoch": 3, "lr"')
-    stale = one / "model.pt.tmp99999999"                  # above any pid_max: that process cannot be alive
+    stale = one / "model.pt.tmp"
     stale.write_bytes(b"partial")
-    proc = run_script("vae.py", "--resume", "--epochs", "2", "--save_dir", one)
-    assert "dropped a line cut off" in proc.stdout and not stale.exists()
+    run_script("vae.py", "--resume", "--epochs", "2", "--save_dir", one)
+    assert not stale.exists()
     straight = read_metrics(runs / "two")
     assert {k: v for k, v in read_metrics(one).items() if k != "train_seconds"} == \
         {k: v for k, v in straight.items() if k != "train_seconds"}
     assert read_log(one) == read_log(runs / "two")
+
+
+def test_two_runs_in_one_folder_the_second_is_refused_and_a_killed_run_can_be_resumed(runs, tmp_path):
+    """Started together in one folder, the second run stops at once with one line that names the folder and the
+    run holding it (before, both ran and the first run's results were lost). The lock dies with its process:
+    after a kill -9, --resume continues the run."""
+    folder = tmp_path / "shared"
+    first = start_script("vae.py", *tiny(), "--epochs", "100000", "--save_dir", folder)
+    deadline = time.time() + 120
+    while not (folder / "model.pt").exists() and time.time() < deadline:     # its first checkpoint
+        time.sleep(0.05)
+    second = run_script("vae.py", *tiny(), "--seed", "7", "--save_dir", folder, check=False)
+    one_line_error(second.returncode, second.stdout + second.stderr, str(folder), "is in use by vae.py (process",
+                   str(first.pid))
+    first.kill()
+    first.wait(timeout=60)
+    epochs = len(read_log(folder))
+    assert epochs >= 1 and first.returncode != 0
+    run_script("vae.py", "--resume", "--epochs", str(epochs + 1), "--save_dir", folder)
+    assert [r["epoch"] for r in read_log(folder)] == list(range(1, epochs + 2)) and read_metrics(folder)
 
 
 def test_a_finished_run_is_not_trained_further(runs, tmp_path):
@@ -213,7 +235,7 @@ def test_perplexity_overflow_is_inf_not_a_crash():
             return 1
 
     x = torch.zeros(3, 5, dtype=torch.long)
-    metrics = common.evaluate(lambda x: (torch.zeros(3, 1), torch.zeros(3, 1)), Decoder(), [x], 2)
+    metrics = common.evaluate(lambda x: (torch.zeros(3, 1), torch.zeros(3, 1)), Decoder(), common.StandardNormal(1), [x], 2)
     assert metrics["ppl"] == math.inf and math.isfinite(metrics["nll"])
 
 
@@ -255,7 +277,8 @@ def test_non_finite_validation_saves_nothing(tmp_path):
     line before the schedule, the checkpoint or the log are touched."""
     args = types.SimpleNamespace(save_dir=str(tmp_path), patience=2, warmup=0, batch_size=4)
     meter = types.SimpleNamespace(result=lambda: {"neg_elbo": 1.0, "rec": 1.0, "kl": 0.0}, start=0.0, end=1.0, epoch=1)
-    state = common.new_state(types.SimpleNamespace(lr=1.0))
+    state = {"epoch": 0, "step": 0, "lr": 1.0, "best_val": math.inf, "worse_epochs": 0, "decays": 0, "train_seconds": 0.0,
+             "log": []}
     val = {"nll": math.nan, "neg_elbo": math.nan, "kl": 0.0, "mi": 0.0, "au": 0}
     with pytest.raises(SystemExit) as stop:
         common.end_epoch(args, state, meter, val, dataset=None, modules={}, optimizers={})

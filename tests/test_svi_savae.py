@@ -49,13 +49,13 @@ def unrolled(ns, x, kl_weight, seed, create_graph=True):
     velocity = [torch.zeros_like(t) for t in lam]
     for _ in range(args.svi_steps):
         z = common.reparameterize(*lam, 1, generator)
-        f = (-decoder.log_prob(x, z, generator)[:, 0] + kl_weight * common.kl_normal(*lam)).sum()
+        f = (-decoder.log_prob(x, z, generator)[:, 0] + kl_weight * ns["prior"].kl(*lam)).sum()
         g = torch.autograd.grad(f, lam, create_graph=create_graph)
         g = [gi * (args.svi_clip / gi.norm(dim=-1, keepdim=True)).clamp(max=1) for gi in g]
         velocity = [args.momentum * v - gi for v, gi in zip(velocity, g)]
         lam = [t + args.svi_lr * v for t, v in zip(lam, velocity)]
     z = common.reparameterize(*lam)
-    loss = (-decoder.log_prob(x, z)[:, 0] + kl_weight * common.kl_normal(*lam)).mean()
+    loss = (-decoder.log_prob(x, z)[:, 0] + kl_weight * ns["prior"].kl(*lam)).mean()
     return torch.autograd.grad(loss, [*encoder.parameters(), *decoder.parameters()])
 
 
@@ -98,8 +98,9 @@ def test_savae_gradient_in_float32_where_clipping_acts(monkeypatch, tmp_path, hv
     encoder, decoder = ns["encoder"], ns["decoder"].requires_grad_(True)
     encoder.train(), decoder.train()
     x = ns["dataset"].batches("train", 20)[0]
-    _, _, trace = ns["svi_steps"](x, *encoder(x), 1.0, True)
-    clipped = torch.stack([(g.norm(dim=-1) > 5).float().mean() for _, grads, _ in trace["steps"] for g in grads])
+    trace = []
+    ns["svi_steps"](x, *encoder(x), 1.0, trace)
+    clipped = torch.stack([(g.norm(dim=-1) > 5).float().mean() for _, grads, _ in trace for g in grads])
     assert clipped.max() > 0.2 and clipped.min() < 1                 # clipping acts, on some sentences only
     expected = unrolled(ns, x, 1.0, seed=3)
     cut = unrolled(ns, x, 1.0, seed=3, create_graph=False)
@@ -144,12 +145,12 @@ def test_ablations_train_encoder_at_lambda_0_and_decoder_at_lambda_k(monkeypatch
     x = batch_of(ns)
     torch.manual_seed(3)                                             # the script's draws, in its order
     mean0, logvar0 = encoder(x)
-    mean, logvar, _ = ns["svi_steps"](x, mean0.detach(), logvar0.detach(), 0.6)
+    mean, logvar = ns["svi_steps"](x, mean0.detach(), logvar0.detach(), 0.6)
     z = common.reparameterize(mean, logvar)
-    loss = (-decoder.log_prob(x, z)[:, 0] + 0.6 * common.kl_normal(mean, logvar)).mean()
+    loss = (-decoder.log_prob(x, z)[:, 0] + 0.6 * ns["prior"].kl(mean, logvar)).mean()
     if variant == "vae+svi":                                         # the ordinary ELBO at lambda_0
         z0 = common.reparameterize(mean0, logvar0)
-        encoder_loss = (-decoder.log_prob(x, z0)[:, 0] + 0.6 * common.kl_normal(mean0, logvar0)).mean()
+        encoder_loss = (-decoder.log_prob(x, z0)[:, 0] + 0.6 * ns["prior"].kl(mean0, logvar0)).mean()
     else:                                                            # KL(q(lambda_0) || q(lambda_K))
         q0, qk = D.Normal(mean0, (0.5 * logvar0).exp()), D.Normal(mean, (0.5 * logvar).exp())
         encoder_loss = D.kl_divergence(q0, qk).sum(-1).mean()
@@ -181,10 +182,11 @@ def test_svi_is_per_example(monkeypatch, tmp_path, text_dir, hvp, tolerance):
     lam_bar = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
 
     def refine(rows):
-        mean, logvar, trace = script["svi_steps"](x[rows], mean0[rows], logvar0[rows], 0.8, True)
+        trace = []
+        mean, logvar = script["svi_steps"](x[rows], mean0[rows], logvar0[rows], 0.8, trace)
         batch = len(mean)                     # the backward loop takes gradients of the batch MEAN loss
         back = script["svi_backward"](x[rows], 0.8, trace, [lam_bar[0][rows] / batch, lam_bar[1][rows] / batch])
-        clipped = [(g.norm(dim=-1) > 1.0) for g in trace["steps"][0][1]]
+        clipped = [(g.norm(dim=-1) > 1.0) for g in trace[0][1]]
         return mean, logvar, back[0] * batch, back[1] * batch, clipped
 
     together = refine(slice(None))

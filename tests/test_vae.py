@@ -1,9 +1,11 @@
-"""vae.py through its command line: metrics, determinism, resume, the LM baseline, bad input."""
+"""vae.py through its command line: metrics, determinism, resume, the LM baseline, --oracle and --gaps, bad input."""
 import json
 
 import pytest
 import torch
 
+import common
+import data
 from conftest import METRIC_KEYS, TINY, TINY_TEXT, read_metrics, run_script, run_scripts, succeeded
 
 
@@ -82,3 +84,35 @@ def test_bad_input_gets_one_clear_line(tmp_path, text_dir):
     procs = run_scripts({name: [("vae.py", *argv)] for name, (argv, *_) in cases.items()})    # two at a time
     for name, (_, *fragments) in cases.items():
         one_line_error(procs[name], *fragments)
+
+
+def test_oracle_flag_freezes_the_decoder_and_gaps_go_to_their_file(tmp_path):
+    tiny = ["--dataset", "synthetic_oracle", "--oracle", "--train_size", "100", "--iw_samples", "4",
+            "--val_iw_samples", "2"]
+    procs = run_scripts({                                             # two at a time, the training run first
+        "vae": [("vae.py", *tiny, "--epochs", "1", "--gaps", "8", "--save_dir", tmp_path / "v")],
+        "hidden_dim": [("vae.py", *tiny, "--hidden_dim", "20", "--save_dir", tmp_path / "h")],
+        "svi": [("svi.py", *tiny, "--epochs", "0", "--svi_steps", "3", "--save_dir", tmp_path / "s")],
+        "svi_trains": [("svi.py", *tiny, "--save_dir", tmp_path / "s2")],
+        "no_dataset": [("vae.py", "--oracle", "--save_dir", tmp_path / "x")]})
+    # the sizes come from the true generator: a contradicting size is refused before any work
+    one_line_error(procs["hidden_dim"], "true generator", "hidden_dim is 100", "drop --hidden_dim")
+    succeeded({name: procs[name] for name in ("vae", "svi")})
+    assert "hidden_dim=100" in procs["vae"].stdout and "latent_dim=2" in procs["vae"].stdout
+    saved = common.load_checkpoint(tmp_path / "v" / "model.pt")
+    true = data.oracle_generator()[0].state_dict()
+    for modules in (saved["modules"], saved["best_modules"]):
+        assert modules["decoder"].keys() == true.keys()
+        assert all(torch.equal(modules["decoder"][k], true[k]) for k in true)
+        fresh_encoder = common.LSTMEncoder(1003, 100, 100, 2).state_dict()
+        assert not all(torch.equal(modules["encoder"][k], fresh_encoder[k]) for k in fresh_encoder)
+    assert set(json.loads((tmp_path / "v" / "metrics.json").read_text())) == METRIC_KEYS
+    gaps = json.loads((tmp_path / "v" / "gaps.json").read_text())
+    assert gaps["method"] == "vae" and gaps["examples"] == 8 and gaps["log_px_by"] == "grid"
+    assert gaps["amortization_gap"] > -3 * gaps["amortization_gap_se"] - 0.01
+    assert abs(gaps["elbo_method"] + gaps["amortization_gap"] + gaps["approximation_gap"] - gaps["log_px"]) < 1e-3
+
+    # svi.py has nothing to learn with the true generator: it scores with --epochs 0 and refuses to train
+    assert set(json.loads((tmp_path / "s" / "metrics.json").read_text())) == METRIC_KEYS
+    one_line_error(procs["svi_trains"], "--epochs 0")
+    one_line_error(procs["no_dataset"], "synthetic_oracle")

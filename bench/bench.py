@@ -1,10 +1,10 @@
 """Speed of every method (not collected by pytest): the training step of each of the five scripts, and
 evaluation with each kind of inference (the encoder's; SVI's K steps), at sizes from the papers.
 
-    python tests/bench.py                         # CPU: synthetic and cpu sizes, a few minutes
-    python tests/bench.py --cuda                  # GPU: synthetic and yahoo sizes
-    python tests/bench.py --size yahoo --cuda --json bench.json
-    python tests/bench.py --root ../old_checkout  # the same measurement of another checkout's scripts
+    python bench/bench.py                         # CPU: synthetic and cpu sizes, a few minutes
+    python bench/bench.py --cuda                  # GPU: synthetic and yahoo sizes
+    python bench/bench.py --size yahoo --cuda --json bench.json
+    python bench/bench.py --root ../old_checkout  # the same measurement of another checkout's scripts
 
 It measures the code that trains: each script is run through its command line (runpy, --epochs 0, on a
 corpus of random sentences written to a temporary folder), and its own train_step and infer are timed.
@@ -52,11 +52,11 @@ def load_script(root, method, size, folder, cuda, extra):
     infer, modules, dataset and args), with its printing swallowed."""
     argv = [f"{method}.py", "--dataset", "text", "--data_dir", folder, "--emb_dim", size["emb_dim"],
             "--hidden_dim", size["hidden_dim"], "--latent_dim", size["latent_dim"], "--batch_size", size["batch"],
-            "--epochs", 0, "--iw_samples", 1, "--save_dir", os.path.join(folder, f"run-{method}"), *extra]
+            "--epochs", 0, "--iw_samples", 1, "--examples", 0, "--save_dir", os.path.join(folder, f"run-{method}"), *extra]
     argv += ["--cuda"] if cuda else []
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv, sys.path[:0] = [str(a) for a in argv], [root]
-    for name in ("common", "data"):          # each root's own modules
+    for name in ("common", "data", "analysis"):          # each root's own modules
         sys.modules.pop(name, None)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -120,10 +120,11 @@ def bench_size(root, name, cuda, budget, iw_samples, svi_steps, inner_steps, met
                 for m in g["modules"].values():
                     m.eval()
                 batches = [x[:size["scored"]]]
+                model = [g["infer"], g["decoder"]] + ([g["prior"]] if "prior" in g else [])   # older roots: no prior
                 what = f"test IW-NLL, {iw_samples} samples" + (f", SVI inference (K = {svi_steps})" if method == "svi" else "")
                 rows.append(dict(size=name, method=method, what=what, **result(rate(
-                    lambda: common.evaluate(g["infer"], g["decoder"], batches, iw_samples), len(batches[0]), device,
-                    budget, warm_up=lambda: common.evaluate(g["infer"], g["decoder"], batches, 2)))))
+                    lambda: common.evaluate(*model, batches, iw_samples), len(batches[0]), device,
+                    budget, warm_up=lambda: common.evaluate(*model, batches, 2)))))
             print(format_row(rows[-2] if method in ("vae", "svi") else rows[-1]), flush=True)
             if method in ("vae", "svi"):
                 print(format_row(rows[-1]), flush=True)

@@ -2,8 +2,8 @@
 machine (not collected by pytest; it takes about 4 minutes per run).
 
     git clone https://github.com/jxhe/vae-lagging-encoder ../jxhe     # outside this repository
-    python tests/bench_jxhe.py --authors ../jxhe                       # ours against theirs, 2 rounds
-    python tests/bench_jxhe.py --authors ../jxhe --root . --root ../before   # also an older checkout of ours
+    python bench/bench_jxhe.py --authors ../jxhe                       # ours against theirs, 2 rounds
+    python bench/bench_jxhe.py --authors ../jxhe --root . --root ../before   # also an older checkout of ours
 
 The corpus is random text shaped like Yahoo: --sentences training sentences (2,000) with lengths spread as
 Yahoo's (mean about 78 words, at most 200) and Zipf-distributed words over a 20,000-word vocabulary. Both
