@@ -1,17 +1,15 @@
 """What looks at a trained model or at finished runs: the amortization and approximation gaps (with log p(x) on a
 grid), He et al.'s posterior-mean frames, examples (samples, reconstructions, interpolations), saliency, training
-curves and the table over seeds. A method script calls plot_posterior() during training and report() at its end;
-any run's reports can be made again at any time from its model.pt and log.jsonl:
+curves and the table over seeds. The scripts call plot_posterior() while training and report() at the end; a
+run's reports can be made again at any time, from the model and inference of the script that trained it:
 
     python analysis.py runs/vae-synthetic                  its default reports: curves.png, examples, saliency
     python analysis.py runs/vae-synthetic --gaps 100 --examples 16 --saliency
     python analysis.py --curves runs/vae-synthetic runs/lagging-synthetic --out curves.png
     python analysis.py --table runs/table1/*               (folders named METHOD-seedN: one row per METHOD)
-
-The model's own prior scores and samples z everywhere, and each method is looked at through its own inference
-infer(x) -> (mean, logvar): a run's model and infer come from the script that trained it (load_run).
 """
 import argparse
+import contextlib
 import html
 import json
 import math
@@ -42,13 +40,9 @@ def pyplot():
     return plt
 
 
-# ====================================================================================================
-# Gaps (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in VAEs") and log p(x) on a grid for d <= 2
-# (Kim et al. 2018, Sec. 5.1):
-#   log p(x) - ELBO(q_method) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_method)]
-#                             =  approximation gap    +    amortization gap
-# q* is the best Gaussian q for this x alone, found by optimising x's own (mean, logvar) from q_method.
-# ====================================================================================================
+# Gaps (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in VAEs") and log p(x) on a grid for d <= 2 (Kim et al.
+# 2018, Sec. 5.1). log p(x) - ELBO(q_method) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_method)], the approximation
+# gap plus the amortization gap, with q* the best Gaussian for this x alone, optimised from q_method.
 
 GRID_RADIUS, GRID_STEP = 5.0, 0.2                  # z in [-5, 5]^d: prior mass outside is about 1e-6 per axis
 GAP_STEPS, GAP_SAMPLES, GAP_LR = 200, 8, 0.05      # from a VAE's q: 200 steps within 0.003 nats of 400
@@ -56,171 +50,137 @@ GAP_STEPS, GAP_SAMPLES, GAP_LR = 200, 8, 0.05      # from a VAE's q: 200 steps w
 
 @torch.no_grad()
 def grid_log_px(decoder, prior, x, latent_dim, radius=GRID_RADIUS, step=GRID_STEP):
-    """log p(x) for d = 1 or 2 by a Riemann sum over the grid {-radius, ..., radius}^d with spacing `step`:
-        log p(x) = logsumexp_g [log p(x|z_g) + log p(z_g)] + d log(step).
-    For a smooth posterior the error falls faster than exponentially in (posterior sd / step)^2, so the same
-    sum over every other point (spacing 2 step) is returned too: where the two agree, the grid is fine enough.
-    Returns (log_px, log_px_coarse), each [batch]."""
+    """log p(x) = logsumexp_g [log p(x|z_g) + log p(z_g)] + d log(step), a Riemann sum over the grid
+    {-radius, ..., radius}^d, d = 1 or 2. Its error falls faster than exponentially in (posterior sd / step)^2, so
+    the sum over every other point is returned too: where the two agree, the grid is fine enough. [batch] each."""
     if latent_dim not in (1, 2):
         common.fail(f"the grid integrates over d = 1 or 2 latent dimensions, not {latent_dim}")
     n = int(round(2 * radius / step)) + 1
-    step = 2 * radius / (n - 1)
-    axis = torch.linspace(-radius, radius, n, device=x.device)
+    step, axis = 2 * radius / (n - 1), torch.linspace(-radius, radius, n, device=x.device)
     z = torch.cartesian_prod(*[axis] * latent_dim).view(-1, latent_dim).expand(x.shape[0], -1, -1)   # [batch, n^d, d]
     log_joint = log_prob_chunked(decoder, x, z) + prior.log_prob(z)
-    log_px = torch.logsumexp(log_joint, 1) + latent_dim * math.log(step)
     every_other = log_joint.view(-1, *[n] * latent_dim)[(slice(None),) + (slice(None, None, 2),) * latent_dim]
-    return log_px, torch.logsumexp(every_other.reshape(x.shape[0], -1), 1) + latent_dim * math.log(2 * step)
+    return (torch.logsumexp(log_joint, 1) + latent_dim * math.log(step),
+            torch.logsumexp(every_other.reshape(x.shape[0], -1), 1) + latent_dim * math.log(2 * step))
 
 
 def optimal_q(decoder, prior, x, mean, logvar, generator):
-    """q* = argmax over (mean, logvar) of ELBO(x; mean, logvar), from the given start: Adam, GAP_SAMPLES fresh
-    samples per step, lr decaying linearly to 0 over GAP_STEPS steps (no stopping rule: the objective is noisy).
-    The objective is the SUM of the examples' -ELBOs and Adam acts elementwise, so each example is optimised on
-    its own. Returns mean*, logvar* and, per example, how much the -ELBO still fell between the second-last and
-    the last tenth of the steps (near 0 once converged)."""
-    lam = [mean.detach().clone().requires_grad_(), logvar.detach().clone().requires_grad_()]
+    """q* = argmax of ELBO(x; mean, logvar) from the given start: Adam on the sum of the examples' -ELBOs (elementwise:
+    each example alone), GAP_SAMPLES samples a step, lr falling linearly to 0 over GAP_STEPS. Returns mean*,
+    logvar* and how much each -ELBO still fell in the last tenth of the steps (near 0: converged)."""
+    lam, trace = [mean.detach().clone().requires_grad_(), logvar.detach().clone().requires_grad_()], []
     optimizer = torch.optim.Adam(lam, lr=GAP_LR)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / GAP_STEPS)
-    trace = []
     with torch.enable_grad(), common.svi_mode(decoder):
         for _ in range(GAP_STEPS):
-            z = common.reparameterize(*lam, GAP_SAMPLES, generator)
-            f = -decoder.log_prob(x, z).mean(1) + prior.kl(*lam)                   # -ELBO_i: [batch]
-            for t, g in zip(lam, torch.autograd.grad(f.sum(), lam)):              # no .grad into the decoder
-                t.grad = g
+            f = -decoder.log_prob(x, common.reparameterize(*lam, GAP_SAMPLES, generator)).mean(1) + prior.kl(*lam)
+            optimizer.zero_grad()
+            f.sum().backward(inputs=lam)                                 # -ELBO_i; the decoder's .grad untouched
             optimizer.step()
             schedule.step()
             trace.append(f.detach())
-    tenth, trace = GAP_STEPS // 10, torch.stack(trace)                               # [steps, batch]
+    tenth, trace = GAP_STEPS // 10, torch.stack(trace)                  # [steps, batch]
     return lam[0].detach(), lam[1].detach(), trace[-2 * tenth:-tenth].mean(0) - trace[-tenth:].mean(0)
 
 
 @torch.no_grad()
 def gaps(infer, decoder, prior, batches, count, samples, seed):
-    """The gaps of a trained model on the first `count` examples of `batches`, from the method's own q = infer(x).
-    ELBO(q_method) and ELBO(q*) per example use the same eps (their difference is then nearly free of noise);
-    log p(x) is on the grid when d <= 2, else importance-weighted with q* and `samples` samples (Burda et al.
-    2016; a lower bound in expectation). All in nats per example: means over examples, with standard errors."""
+    """The gaps on the first `count` examples of `batches`, from the method's own q = infer(x). ELBO(q_method) and
+    ELBO(q*) use the same eps (their difference is nearly free of noise); log p(x) is on the grid when d <= 2, else
+    importance-weighted with q* and `samples` samples (Burda et al. 2016). Nats per example, with standard errors."""
     start, rows, seen, generator = time.time(), [], 0, None
     for x in batches:
-        if seen >= count:
-            break
         x = x[:count - seen]
+        if len(x) == 0:
+            break
         generator = generator or torch.Generator(device=x.device).manual_seed(seed)   # training's stream untouched
         q_method = [t.detach() for t in infer(x)]
-        d = q_method[0].shape[1]
         *q_opt, still_falling = optimal_q(decoder, prior, x, *q_method, generator)
+        d, elbos = q_method[0].shape[1], []
         eps = torch.randn((x.shape[0], samples, d), generator=generator, device=x.device)
-        elbos = []
         for mean, logvar in (q_method, q_opt):
             z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
             log_px_z = log_prob_chunked(decoder, x, z)
             elbos.append(log_px_z.mean(1) - prior.kl(mean, logvar))
         log_q = -0.5 * (common.LOG_2PI + logvar.unsqueeze(1) + eps.pow(2)).sum(-1)   # of the q* samples
-        log_px = torch.logsumexp(log_px_z + prior.log_prob(z) - log_q, 1) - math.log(samples)
-        coarse = torch.full_like(log_px, math.nan)
-        if d <= 2:
-            log_px, coarse = grid_log_px(decoder, prior, x, d)
+        log_px, coarse = grid_log_px(decoder, prior, x, d) if d <= 2 else (
+            torch.logsumexp(log_px_z + prior.log_prob(z) - log_q, 1) - math.log(samples), torch.full((len(x),), math.nan))
         rows.append(torch.stack([*elbos, log_px, coarse, still_falling], 1))
         seen += x.shape[0]
     elbo_method, elbo_opt, log_px, coarse, still_falling = torch.cat(rows).T.cpu()
-    n = len(log_px)
-
-    def mean_se(t):
-        return round(t.mean().item(), 4), round((t.std() / math.sqrt(n)).item() if n > 1 else math.nan, 4)
-    amortization, approximation = mean_se(elbo_opt - elbo_method), mean_se(log_px - elbo_opt)
-    result = {"examples": n, "elbo_method": mean_se(elbo_method)[0], "elbo_opt": mean_se(elbo_opt)[0],
-              "log_px": mean_se(log_px)[0], "log_px_by": "grid" if d <= 2 else "iw",
-              "amortization_gap": amortization[0], "amortization_gap_se": amortization[1],
-              "approximation_gap": approximation[0], "approximation_gap_se": approximation[1],
-              "estimate_samples": samples, "opt": {"steps": GAP_STEPS, "samples": GAP_SAMPLES, "lr": GAP_LR,
-                                                   "still_falling": mean_se(still_falling)[0]}}
-    if d <= 2:          # how much log p(x) moves when the spacing doubles (the error at GRID_STEP is far smaller)
-        change = (log_px - coarse).abs()
+    n, change = len(log_px), (log_px - coarse).abs()       # how much the grid's log p(x) moves at double spacing
+    result = {"examples": n, "log_px_by": "grid" if d <= 2 else "iw", "estimate_samples": samples}
+    for name, t in (("elbo_method", elbo_method), ("elbo_opt", elbo_opt), ("log_px", log_px),
+                    ("amortization_gap", elbo_opt - elbo_method), ("approximation_gap", log_px - elbo_opt)):
+        result[name] = round(t.mean().item(), 4)
+        result[name + "_se"] = round((t.std() / math.sqrt(n)).item() if n > 1 else math.nan, 4)
+    result["opt"] = {"steps": GAP_STEPS, "samples": GAP_SAMPLES, "lr": GAP_LR, "still_falling": round(still_falling.mean().item(), 4)}
+    if d <= 2:
         result["grid"] = {"radius": GRID_RADIUS, "step": GRID_STEP, "mean_change_at_double_step":
                           round(change.mean().item(), 6), "max_change_at_double_step": round(change.max().item(), 6)}
     result["seconds"] = round(time.time() - start, 1)
-    print(f"gaps on {n} test examples: amortization {amortization[0]:.3f} (se {amortization[1]:.3f}), approximation "
-          f"{approximation[0]:.3f} (se {approximation[1]:.3f}), log p(x) {result['log_px']:.3f} "
-          f"({result['log_px_by']}), {result['seconds']:.0f}s", flush=True)
+    print(f"gaps on {n} test examples: amortization {result['amortization_gap']:.3f} (se {result['amortization_gap_se']:.3f}),"
+          f" approximation {result['approximation_gap']:.3f} (se {result['approximation_gap_se']:.3f}), log p(x) "
+          f"{result['log_px']:.3f} ({result['log_px_by']}), {result['seconds']:.0f}s", flush=True)
     return result
 
 
-# ====================================================================================================
 # He et al. 2019, Fig. 2: the posterior mean space, which makes posterior collapse visible (d = 1).
-# ====================================================================================================
 
 @torch.no_grad()
 def true_posterior_mean(decoder, prior, x, grid):
-    """E_p(z|x)[z] for a scalar latent, by discretising z on `grid` [G] and normalising log p(x|z) + log p(z)
-    with logsumexp: [batch]."""
+    """E_p(z|x)[z] for a scalar latent: log p(x|z) + log p(z) on `grid` [G], normalised by logsumexp. [batch]."""
     z = grid.view(1, -1, 1).expand(x.shape[0], -1, -1)
     return ((log_prob_chunked(decoder, x, z) + prior.log_prob(z)).softmax(1) * grid).sum(1)
 
 
 def plot_posterior(args, step, infer, decoder, prior, dataset, final=False):
-    """With --plot_posterior N, every N training steps: for 500 validation sentences, the mean of the true
-    posterior (grid over [-20, 20], step 0.1) against the mean of q(z|x), as SAVE_DIR/posterior/STEP.json (to
-    redraw) and .png; final=True draws the tested weights (final.json). Training's random streams are untouched."""
+    """With --plot_posterior N, every N training steps: for 500 validation sentences, the mean of the true posterior
+    (grid over [-20, 20], step 0.1) against the mean of q(z|x), as SAVE_DIR/posterior/STEP.json (to redraw) and
+    .png; final=True draws the tested weights (final.json). Training's random streams are untouched."""
     if not args.plot_posterior or (not final and step % args.plot_posterior):
         return
     if args.latent_dim != 1:
         common.fail("--plot_posterior draws the picture for a scalar latent; add --latent_dim 1")
-    was_training, true_means, q_means, seen = decoder.training, [], [], 0
+    was_training, points = decoder.training, {"step": step, "method": args.method, "final": final, "true_mean": [],
+                                              "q_mean": []}
     decoder.eval()
-    with torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []):
-        grid = torch.arange(-200, 201, device=args.device) / 10
+    with torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []), torch.no_grad():
         for x in dataset.batches("valid", args.batch_size):
-            x = x[:500 - seen]
-            if len(x) == 0:
-                break
-            with torch.no_grad():
-                q_means.append(infer(x)[0][:, 0])
-            true_means.append(true_posterior_mean(decoder, prior, x, grid))
-            seen += x.shape[0]
+            x, grid = x[:500 - len(points["q_mean"])], torch.arange(-200, 201, device=x.device) / 10
+            points["q_mean"] += infer(x)[0][:, 0].tolist() if len(x) else []
+            points["true_mean"] += true_posterior_mean(decoder, prior, x, grid).tolist() if len(x) else []
     decoder.train(was_training)
-    points = {"step": step, "method": args.method, "final": final, "true_mean": torch.cat(true_means).tolist(),
-              "q_mean": torch.cat(q_means).tolist()}
     path = os.path.join(args.save_dir, "posterior", "final" if final else f"{step:07d}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".json", "w") as f:
         json.dump(points, f)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = plt.subplots(figsize=(4, 4), layout="tight")
     ax.scatter(points["true_mean"], points["q_mean"], s=6, alpha=0.6)
     ax.plot([-3, 3], [-3, 3], color="gray", linewidth=0.8)
     ax.set(xlim=(-3, 3), ylim=(-3, 3), xlabel="mean of true posterior p(z|x)", ylabel="mean of q(z|x)",
            title=f"{args.method}, " + ("end, tested weights" if final else f"step {step}"))
-    fig.tight_layout()
     fig.savefig(path + ".png", dpi=100)
     plt.close(fig)
 
 
-# ====================================================================================================
-# Examples and saliency: what the model does, from the method's own q(z|x).
-# ====================================================================================================
+# Examples and saliency: what the model does, seen through the method's own q(z|x).
 
 def words(vocab, tokens):
     """Token ids (a decoded row, or a sentence with <s> and </s>) as text, up to the first </s>."""
-    out = []
-    for t in tokens:
-        if vocab[t] == "</s>":
-            break
-        out += [vocab[t]] if vocab[t] != "<s>" else []
-    return " ".join(out) or "(empty)"
+    text = [vocab[t] for t in tokens if vocab[t] != "<s>"]
+    return " ".join(text[:text.index("</s>")] if "</s>" in text else text) or "(empty)"
 
 
 @torch.no_grad()
 def text_examples(infer, decoder, prior, dataset, seed, count=8):
-    """Lines of text: sentences from the prior (sampled and greedy), greedy reconstructions of test sentences
-    from the mean of the method's own q(z|x), and the greedy sentences along the line between two test
-    sentences' posterior means. From a local random stream (training's is untouched)."""
+    """Lines of text: sentences from the prior (sampled, then greedy), greedy reconstructions of test sentences from
+    the mean of the method's own q(z|x), and greedy sentences along the line between two test sentences' means."""
     vocab, x = dataset.vocab, max(dataset.by_length["test"].values(), key=len)[:count]   # one length: a batch
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = torch.Generator(device=x.device).manual_seed(seed)                   # training's stream untouched
     length = max(max(lengths) for lengths in dataset.by_length.values()) + 5
-    first = torch.full((count,), vocab.index("<s>"), device=x.device)
-    z = prior.sample(count, generator)
+    first, z = torch.full((count,), vocab.index("<s>"), device=x.device), prior.sample(count, generator)
     lines = ["# sentences from the prior p(z), sampled"]
     lines += [words(vocab, row) for row in decoder.sample(z, first, length, generator=generator).tolist()]
     lines += ["", "# the same z, greedy"] + [words(vocab, r) for r in decoder.sample(z, first, length, True).tolist()]
@@ -231,40 +191,34 @@ def text_examples(infer, decoder, prior, dataset, seed, count=8):
     lines += [f"{words(vocab, a)}  ->  {words(vocab, b)}"
               for a, b in zip(x.tolist(), decoder.sample(mean, first[:len(x)], length, True).tolist())]
     if len(x) >= 2:
-        t = torch.linspace(0, 1, count, device=x.device).unsqueeze(1)
+        path = mean[0] + torch.linspace(0, 1, count, device=x.device).unsqueeze(1) * (mean[1] - mean[0])
         lines += ["", f"# interpolation between the posterior means of test sentences 1 and 2 ({count} steps)",
                   f"# from: {words(vocab, x[0].tolist())}", f"# to:   {words(vocab, x[1].tolist())}"]
-        path = (1 - t) * mean[0] + t * mean[1]
         lines += [words(vocab, row) for row in decoder.sample(path, first[:1].expand(count), length, True).tolist()]
     return lines
 
 
 @torch.no_grad()
 def image_examples(infer, decoder, prior, dataset, seed, count=8):
-    """{name: rows of [28, 28] images}. samples: `count` images from the prior; reconstructions: `count` test
-    images (top) over images drawn from p(x|z) at the mean of the method's own q(z|x); interpolation: two test
-    images at the ends, between them images drawn at `count` points between their posterior means. One call of
-    decoder.sample (a PixelCNN draws pixel by pixel: 784 passes of the network, whatever the number of images)."""
+    """{name: rows of [28, 28] images}: `count` samples from the prior; `count` test images over images drawn at the
+    mean of the method's q(z|x); two test images with images drawn at `count` points between their means. One
+    call of decoder.sample (a PixelCNN draws pixel by pixel: 784 passes, whatever the number of images)."""
     x = dataset.batches("test", count)[0][:count]
-    mean = infer(x)[0].detach()
+    mean, generator = infer(x)[0].detach(), torch.Generator(device=x.device).manual_seed(seed)
     if mean.shape[1] == 0:
         return {}
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    t = torch.linspace(0, 1, count, device=x.device).unsqueeze(1)
-    z = torch.cat([prior.sample(count, generator), mean, (1 - t) * mean[0] + t * mean[-1]])
-    drawn = decoder.sample(z, generator)[:, 0].split([count, len(mean), count])
+    path = mean[0] + torch.linspace(0, 1, count, device=x.device).unsqueeze(1) * (mean[-1] - mean[0])
+    drawn = decoder.sample(torch.cat([prior.sample(count, generator), mean, path]), generator)[:, 0]
+    drawn = drawn.split([count, len(mean), count])
     grids = {"samples": [list(drawn[0])], "reconstructions": [list(x[:, 0]), list(drawn[1])]}
-    if len(x) >= 2:
-        grids["interpolation"] = [[x[0, 0], *drawn[2], x[-1, 0]]]
-    return grids
+    return {**grids, "interpolation": [[x[0, 0], *drawn[2], x[-1, 0]]]} if len(x) >= 2 else grids
 
 
 def save_grid(path, rows):
     """Rows of [28, 28] images in [0, 1] as one grey PNG, ink dark on white, with a 2-pixel grey border."""
     grid = torch.full((len(rows) * 30 + 2, max(len(r) for r in rows) * 30 + 2), 0.5)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid[2 + 30 * i:30 * (i + 1), 2 + 30 * j:30 * (j + 1)] = 1 - image.float().cpu()
+    for i, j, image in [(i, j, image) for i, row in enumerate(rows) for j, image in enumerate(row)]:
+        grid[2 + 30 * i:30 * (i + 1), 2 + 30 * j:30 * (j + 1)] = 1 - image.float().cpu()
     pyplot().imsave(path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
 
 
@@ -298,31 +252,27 @@ def saliency(infer, encoder, decoder, x):
 
 
 def saliency_report(infer, encoder, decoder, dataset, count=8):
-    """saliency() on up to `count` test sentences of the most common length: (JSON-ready dict, HTML page)."""
+    """saliency() of up to `count` test sentences of the most common length: (JSON-ready dict, HTML page), or
+    (None, None) for a model without a latent."""
     x = max(dataset.by_length["test"].values(), key=len)[:count]
     if infer(x)[0].shape[1] == 0:
-        return None, None                          # no latent, nothing to be salient for
+        return None, None
     output, inputs = saliency(infer, encoder, decoder, x)
     rows = [{"input_tokens": [dataset.vocab[t] for t in s], "input": None if inputs is None else inputs[i].tolist(),
              "output_tokens": [dataset.vocab[t] for t in s[1:]], "output": output[i].tolist()}
             for i, s in enumerate(x.tolist())]
 
-    def shade(tokens, values):
-        top = max(values) or 1.0
-        return " ".join(f'<span style="background: rgba(220, 40, 40, {v / top:.2f})" title="{v:.3g}">'
+    def shade(tokens, values):                     # each row scaled to its own maximum; hover for the value
+        return " ".join(f'<span style="background: rgba(220, 40, 40, {v / (max(values) or 1):.2f})" title="{v:.3g}">'
                         f'{html.escape(t)}</span>' for t, v in zip(tokens, values))
-    page = ["<html><meta charset='utf-8'><body style='font-family: monospace'><p>Saliency: output tokens shaded by "
-            "||d log p(x_t | x_&lt;t, z) / dz|| at the mean of q(z|x); input tokens by ||d mean / d embedding||. "
-            "Each row scaled to its own maximum (hover for the value).</p>"]
-    for row in rows:
-        page.append(("" if row["input"] is None else f"<p>input: {shade(row['input_tokens'], row['input'])}<br>")
-                    + f"output: {shade(row['output_tokens'], row['output'])}</p>")
-    return {"definition": saliency.__doc__.split("\n", 1)[1], "sentences": rows}, "\n".join(page + ["</body></html>"])
+    page = "<html><meta charset='utf-8'><body style='font-family: monospace'><p>Saliency (analysis.py): output " \
+        "tokens shaded by ||d log p(x_t | x_&lt;t, z) / dz||, input tokens by ||d mean / d embedding||</p>" + "".join(
+            ("" if r["input"] is None else f"<p>input: {shade(r['input_tokens'], r['input'])}<br>")
+            + f"output: {shade(r['output_tokens'], r['output'])}</p>" for r in rows) + "</body></html>"
+    return {"definition": saliency.__doc__.split("\n", 1)[1], "sentences": rows}, page
 
 
-# ====================================================================================================
 # Finished runs: training curves from log.jsonl, the test metrics of many runs as a table over seeds.
-# ====================================================================================================
 
 CURVES = [("-ELBO (train, val) and val NLL", ("train", "neg_elbo"), ("train", "neg_bound"), ("val", "neg_elbo"),
            ("val", "nll")), ("KL (train, val)", ("train", "kl"), ("val", "kl")), ("MI (val)", ("val", "mi")),
@@ -330,26 +280,21 @@ CURVES = [("-ELBO (train, val) and val NLL", ("train", "neg_elbo"), ("train", "n
 
 
 def read_log(folder):
-    """The records of FOLDER/log.jsonl (a line that is not JSON is skipped)."""
-    records = []
-    if os.path.exists(os.path.join(folder, "log.jsonl")):
-        with open(os.path.join(folder, "log.jsonl"), errors="replace") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
+    """The records of FOLDER/log.jsonl (a line that is not a JSON record is skipped)."""
+    path, records = os.path.join(folder, "log.jsonl"), []
+    for line in open(path, errors="replace").read().splitlines() if os.path.exists(path) else []:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
     return records
 
 
 def draw_curves(folders, path):
     """One PNG of the training curves of one or more runs (each run a colour, each quantity a panel)."""
-    runs = [(os.path.basename(os.path.normpath(folder)), read_log(folder)) for folder in folders]
-    runs = [(name, records) for name, records in runs if records]
+    runs = [(os.path.basename(os.path.normpath(f)), records) for f in folders if (records := read_log(f))]
     if not runs:
         common.fail(f"no log.jsonl with epochs in {', '.join(folders)}; pass run folders (--save_dir of a training run)")
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), layout="tight")
     for ax, (title, *keys) in zip(axes.flat, CURVES):
         for colour, (name, records) in enumerate(runs):
             for style, key in zip(("-", "--", ":", "-."), keys):
@@ -361,7 +306,6 @@ def draw_curves(folders, path):
         ax.set(title=title, xlabel="epoch", yscale="log" if title == "learning rate" else "linear")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     print(f"wrote {path}", flush=True)
@@ -371,53 +315,47 @@ TABLE_KEYS = ("nll", "neg_elbo", "rec", "kl", "mi", "au", "ppl")
 
 
 def seed_table(folders):
-    """A markdown table of the test metrics of many runs, mean +- standard deviation (over runs, n - 1) per row.
-    Runs are grouped by folder name with a trailing -seedN / _seedN removed (e.g. vae-seed1, vae-seed2 -> vae)."""
+    """A markdown table of many runs' test metrics, mean +- standard deviation (over runs, n - 1), one row per folder
+    name without its trailing -seedN / _seedN (vae-seed1, vae-seed2 -> vae)."""
     groups = {}
     for folder in folders:
-        path = os.path.join(folder, "metrics.json")
         try:
-            with open(path) as f:
+            with open(os.path.join(folder, "metrics.json")) as f:
                 metrics = json.load(f)
         except (OSError, ValueError) as e:
-            common.fail(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); pass folders of finished runs")
-        name = re.sub(r"[-_]seed\d+$", "", os.path.basename(os.path.normpath(folder)))
-        groups.setdefault((name, metrics["dataset"]), []).append(metrics)
+            common.fail(f"cannot read {os.path.join(folder, 'metrics.json')} ({getattr(e, 'strerror', None) or e}); "
+                        f"pass folders of finished runs")
+        groups.setdefault((re.sub(r"[-_]seed\d+$", "", os.path.basename(os.path.normpath(folder))), metrics["dataset"]),
+                          []).append(metrics)
     lines = ["| run | dataset | runs | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
     for (name, dataset), runs in groups.items():
-        cells = []
-        for key in TABLE_KEYS:
-            values = torch.tensor([float(r[key]) for r in runs if r.get(key) is not None], dtype=torch.float64)
-            cells.append("-" if len(values) == 0 else f"{values[0]:.2f}" if len(values) == 1 else
-                         f"{values.mean():.2f} +- {values.std():.2f}")
+        values = [torch.tensor([float(r[k]) for r in runs if r.get(k) is not None], dtype=torch.float64) for k in TABLE_KEYS]
+        cells = ["-" if len(v) == 0 else f"{v[0]:.2f}" if len(v) == 1 else f"{v.mean():.2f} +- {v.std():.2f}" for v in values]
         lines.append(f"| {name} | {dataset} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-# ====================================================================================================
 # The reports of a run: at the end of training (report), or again from its folder (python analysis.py RUN).
-# ====================================================================================================
 
-def write_reports(folder, infer, dataset, modules, seed, examples=0, saliency_of=0, gaps_of=0, iw_samples=500,
-                  method=None):
-    """Into FOLDER: gaps.json (gaps_2.json ... if taken) for the first `gaps_of` test examples; examples.txt (text)
-    or samples/reconstructions/interpolation.png (images) with `examples` each; saliency.json and .html for
-    `saliency_of` test sentences. A report file already there is replaced: it is made from model.pt again."""
-    decoder, prior, encoder = modules["decoder"], modules["prior"], modules.get("encoder")
+def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps_of=0):
+    """Into the run's folder (args.save_dir): gaps.json (gaps_2.json ... if taken) of the first `gaps_of` test
+    examples; examples.txt or samples/reconstructions/interpolation.png with `examples` each; saliency.json and
+    .html of `saliency_of` test sentences. A report file already there is made again from the same weights."""
+    decoder, prior, folder = modules["decoder"], modules["prior"], args.save_dir
     if gaps_of:
-        result = gaps(infer, decoder, prior, dataset.batches("test", 50), gaps_of, iw_samples, seed)
-        print(f"wrote {common.write_json(folder, 'gaps', {'method': method, **result})}", flush=True)
+        result = gaps(infer, decoder, prior, dataset.batches("test", args.batch_size), gaps_of, args.iw_samples, args.seed)
+        print(f"wrote {common.write_json(folder, 'gaps', {'method': args.method, **result})}", flush=True)
     if examples and dataset.kind == "text":
-        lines = text_examples(infer, decoder, prior, dataset, seed, examples)
+        lines = text_examples(infer, decoder, prior, dataset, args.seed, examples)
         with open(os.path.join(folder, "examples.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines[:4]) + f"\n... wrote {os.path.join(folder, 'examples.txt')}", flush=True)
-    elif examples:
-        for name, rows in image_examples(infer, decoder, prior, dataset, seed, examples).items():
-            save_grid(os.path.join(folder, f"{name}.png"), rows)
-            print(f"wrote {os.path.join(folder, name + '.png')}", flush=True)
-    report, page = saliency_report(infer, encoder, decoder, dataset, saliency_of) if saliency_of and \
-        dataset.kind == "text" else (None, None)
+    for name, rows in image_examples(infer, decoder, prior, dataset, args.seed, examples).items() \
+            if examples and dataset.kind == "image" else ():
+        save_grid(os.path.join(folder, f"{name}.png"), rows)
+        print(f"wrote {os.path.join(folder, name + '.png')}", flush=True)
+    report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset, saliency_of) \
+        if saliency_of and dataset.kind == "text" else (None, None)
     if report:
         with open(os.path.join(folder, "saliency.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -427,30 +365,26 @@ def write_reports(folder, infer, dataset, modules, seed, examples=0, saliency_of
 
 
 def report(args, infer, dataset, modules):
-    """The end of a run (after common.final_test): with --gaps N gaps.json; then, after training (not
-    --eval_only), the last posterior frame, the examples and saliency of --examples N, and curves.png."""
+    """The end of a run, after common.final_test: gaps.json with --gaps N; and after training (not --eval_only) the
+    last posterior frame, the examples and saliency of --examples N, and curves.png."""
     if args.eval_only:
-        return write_reports(args.save_dir, infer, dataset, modules, args.seed, gaps_of=args.gaps,
-                             iw_samples=args.iw_samples, method=args.method)
+        return write_reports(args, infer, dataset, modules, gaps_of=args.gaps)
     plot_posterior(args, None, infer, modules["decoder"], modules["prior"], dataset, final=True)
-    write_reports(args.save_dir, infer, dataset, modules, args.seed, args.examples, args.examples, args.gaps,
-                  args.iw_samples, args.method)
+    write_reports(args, infer, dataset, modules, args.examples, args.examples, args.gaps)
     if read_log(args.save_dir):                    # none after --epochs 0
         draw_curves([args.save_dir], os.path.join(args.save_dir, "curves.png"))
 
 
 def load_run(folder, script=None):
-    """A run's model with its best weights, and its method's own inference, as the script that trained it (or
+    """A run's model with its best weights and its method's own inference, as the script that trained it (or
     `script`) builds them: the script's setup, everything before `state = common.start(`, run with --eval_only
     --checkpoint FOLDER/model.pt. Returns the script's globals (args, dataset, modules, infer, ...)."""
     path = os.path.join(folder, "model.pt")
     payload = common.load_checkpoint(path)
     method = payload["args"]["method"]
-    places = [f"{method}.py", os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{method}.py")]
-    script = script or next((p for p in places if os.path.isfile(p)), None)
-    if script is None or not os.path.isfile(script):
-        common.fail(f"{path} was trained by {method}.py, which is not in this folder or beside analysis.py; pass "
-                    f"--script PATH (the script whose inference scores the run)")
+    places = [script] if script else [f"{method}.py", os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{method}.py")]
+    script = next((p for p in places if os.path.isfile(p)), None) or common.fail(
+        f"{path} was trained by {method}.py, which is not in this folder or beside analysis.py; pass --script PATH")
     source = open(script).read()
     if "state = common.start(" not in source:
         common.fail(f"{script} is not a method script of this project (it has no line 'state = common.start(')")
@@ -470,37 +404,31 @@ def load_run(folder, script=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the --save_dir of training runs)")
-    parser.add_argument("--gaps", type=int, default=0, metavar="N", help="gaps on the first N test examples, into "
-                        "gaps.json (never over an earlier one); log p(x) on a grid when latent_dim <= 2")
-    parser.add_argument("--examples", type=int, default=0, metavar="N", help="N prior samples, reconstructions and "
-                        "interpolation steps: examples.txt (text) or PNG grids (images)")
-    parser.add_argument("--saliency", action="store_true", help="saliency.json/.html of the test sentences (text)")
-    parser.add_argument("--curves", action="store_true", help="the training curves of all RUNs in one PNG")
-    parser.add_argument("--table", action="store_true", help="a markdown table of the RUNs' test metrics, mean +- "
-                        "sd over the seeds of each run name (folders METHOD-seedN)")
-    parser.add_argument("--out", help="--curves: the PNG (default RUN/curves.png for one run, else curves.png); "
-                        "--table: also write the table here")
-    parser.add_argument("--script", help="the method script to rebuild the runs' model and inference with "
-                        "(default: METHOD.py of the run, here or beside analysis.py)")
+    add = parser.add_argument
+    add("runs", nargs="+", metavar="RUN", help="run folders (the --save_dir of training runs)")
+    add("--gaps", type=int, default=0, metavar="N", help="the gaps of the first N test examples into gaps.json")
+    add("--examples", type=int, default=0, metavar="N", help="N samples, reconstructions, interpolation steps")
+    add("--saliency", action="store_true", help="saliency.json and .html of the test sentences (text)")
+    add("--curves", action="store_true", help="the training curves of all RUNs in one PNG")
+    add("--table", action="store_true", help="the RUNs' test metrics, mean +- sd over the seeds of a run name")
+    add("--out", help="--curves: the PNG (default RUN/curves.png for one run); --table: also write it here")
+    add("--script", help="the script whose model and inference to use (default: METHOD.py of the run)")
     cli = parser.parse_args()
     if not (cli.gaps or cli.examples or cli.saliency or cli.curves or cli.table):       # a run's default reports
         for folder in cli.runs:
             draw_curves([folder], os.path.join(folder, "curves.png"))
         cli.examples, cli.saliency = 8, True
     if cli.table:
-        table = seed_table(cli.runs)
-        print(table)
+        print(table := seed_table(cli.runs))
         if cli.out:
             with open(cli.out, "w") as f:
                 f.write(table + "\n")
     if cli.curves:
-        draw_curves(cli.runs, cli.out or (os.path.join(cli.runs[0], "curves.png") if len(cli.runs) == 1 else "curves.png"))
+        draw_curves(cli.runs, cli.out or os.path.join(cli.runs[0] if len(cli.runs) == 1 else ".", "curves.png"))
     for folder in cli.runs if cli.gaps or cli.examples or cli.saliency else []:
         run = load_run(folder, cli.script)
-        write_reports(folder, run["infer"], run["dataset"], run["modules"], run["args"].seed, cli.examples,
-                      (cli.examples or 8) if cli.saliency else 0, cli.gaps, run["args"].iw_samples,
-                      run["args"].method)
+        write_reports(run["args"], run["infer"], run["dataset"], run["modules"], cli.examples,
+                      (cli.examples or 8) * cli.saliency, cli.gaps)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 scripts, and what looks at a trained model afterwards (gaps, examples, saliency, curves, tables) in analysis.py.
 A function here gets what it needs as arguments (or the shared flags every script takes). Parts, in this order:
   1. Gaussian math and the prior   sample_q, reparameterize, log_normal; StandardNormal, p(z)
-  2. Networks                      LSTMEncoder, LSTMDecoder; ResNetEncoder, PixelCNNDecoder, MLPEncoder, MLPDecoder;
+  2. Networks                      LSTMEncoder, LSTMDecoder; ImageEncoder, PixelCNNDecoder, MLPDecoder;
                                    build_model, check_model
   3. SVI pieces                    svi_generator, svi_objective, svi_mode, clip_rows, trainable
   4. Evaluation                    evaluate (IW-NLL, -ELBO, KL, MI, AU, PPL)
@@ -35,9 +35,7 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-# ====================================================================================================
 # 1. Gaussian math and the prior. q = N(mean, diag(exp(logvar))).
-# ====================================================================================================
 
 def sample_q(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps, [batch, n, d], and log q(z|x) of each, [batch, n],
@@ -67,24 +65,19 @@ class StandardNormal(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
 
-    def log_prob(self, z):
-        """log p(z), summed over the last dimension."""
+    def log_prob(self, z):                         # summed over the last dimension
         return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
-    def sample(self, n, generator):
-        """n draws [n, d] from `generator`, on its device."""
+    def sample(self, n, generator):                # [n, d] from `generator`, on its device
         return torch.randn(n, self.latent_dim, generator=generator, device=generator.device)
 
     def kl(self, mean, logvar):
-        """KL(N(mean, exp(logvar)) || p(z)) in closed form, summed over d: [batch].
-        Kingma & Welling 2014, Appendix B: -1/2 sum(1 + logvar - mean^2 - exp(logvar)). expm1 keeps
+        """KL(q || p(z)) in closed form, summed over d (Kingma & Welling 2014, Appendix B); expm1 keeps
         exp(logvar) - 1 - logvar >= 0 in floating point when q is close to the prior."""
         return 0.5 * (mean.pow(2) + torch.expm1(logvar) - logvar).sum(-1)
 
 
-# ====================================================================================================
 # 2. Networks. Text: LSTMs over words. Images: binary 28x28, Bernoulli likelihoods from logits (exact, no clamping).
-# ====================================================================================================
 
 def dropout(t, p, training, generator=None):
     """F.dropout, or with a generator a mask that can be drawn again (SA-VAE's backward loop replays steps)."""
@@ -198,27 +191,29 @@ class ResidualBlock(nn.Module):
         return F.elu(self.conv2(F.elu(self.conv1(x))) + self.skip(x))
 
 
-class ResNetEncoder(nn.Module):
-    """He et al. 2019's image encoder: three residual blocks of 64 maps with stride 2 (28 -> 14 -> 7 -> 4),
-    a 4x4 convolution to 512 units, then mean and logvar. Without batch normalisation, so that an
-    example's q(z|x) never depends on the other examples in its batch."""
+class ImageEncoder(nn.Module):
+    """q(z|x) = N(mean, diag(exp(logvar))) with (mean, logvar) = net(x), for one of two nets. resnet: He et al.
+    2019's, three residual blocks of 64 maps, stride 2 (28 -> 14 -> 7 -> 4), a 4x4 convolution to 512 units (no
+    batch norm: q(z|x) never depends on the batch). mlp: Burda et al. 2016's 784-200-200, tanh units."""
 
-    def __init__(self, latent_dim, channels=64, hidden=512):
+    def __init__(self, latent_dim, net="resnet", hidden=200, channels=64):
         super().__init__()
-        self.blocks = nn.Sequential(ResidualBlock(1, channels), ResidualBlock(channels, channels),
-                                    ResidualBlock(channels, channels), nn.Conv2d(channels, hidden, 4), nn.ELU())
-        self.to_params = nn.Linear(hidden, 2 * latent_dim)
+        if net == "resnet":
+            self.net = nn.Sequential(ResidualBlock(1, channels), ResidualBlock(channels, channels),
+                                     ResidualBlock(channels, channels), nn.Conv2d(channels, 512, 4), nn.ELU(),
+                                     nn.Flatten(), nn.Linear(512, 2 * latent_dim))
+        else:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
+                                     nn.Tanh(), nn.Linear(hidden, 2 * latent_dim))
 
     def forward(self, x):
-        mean, logvar = self.to_params(self.blocks(x).flatten(1)).chunk(2, -1)
-        return mean, logvar
+        return self.net(x).chunk(2, -1)
 
 
 class CausalConv(nn.Conv2d):
-    """A convolution that sees only the past: for the vertical stack the rows above (and, with
-    include_center, the current row), for the horizontal stack the pixels to the left (and, with
-    include_center, the current one). Done by padding and shifting rather than masking, so no
-    multiply is spent on weights that would be masked to zero (van den Oord et al. 2016)."""
+    """A convolution that sees only the past: the vertical stack the rows above, the horizontal one the pixels to
+    the left (and the current row or pixel with include_center). By padding and shifting rather than masking, so
+    no multiply is spent on weights that would be masked to zero (van den Oord et al. 2016)."""
 
     def __init__(self, channels_in, channels_out, kernel, stack, include_center):
         half = kernel // 2
@@ -242,10 +237,8 @@ def gate(t):
 
 
 class GatedLayer(nn.Module):
-    """One gated PixelCNN layer with a vertical and a horizontal stack: out = tanh(a) * sigmoid(b).
-    The first layer (mask A) excludes the current pixel and takes the z feature maps, unshifted (z is
-    not data: every pixel, the first included, may see it); later layers (mask B) include the current
-    pixel and are residual."""
+    """A gated PixelCNN layer with a vertical and a horizontal stack, out = tanh(a) * sigmoid(b). The first (mask A)
+    excludes the current pixel and takes the z maps unshifted (every pixel may see z); later ones are residual."""
 
     def __init__(self, channels_in, channels, kernel, first, z_maps=0):
         super().__init__()
@@ -267,9 +260,8 @@ class GatedLayer(nn.Module):
 
 
 class PixelCNNDecoder(nn.Module):
-    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over 28x28 pixels in raster order: a gated PixelCNN with
-    vertical and horizontal stacks (van den Oord et al. 2016), z mapped by a linear layer to feature maps
-    that are joined to the image at the first (mask A) layer (He et al. 2019; Kim et al. 2018).
+    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over 28x28 pixels in raster order: a gated PixelCNN (van den Oord
+    et al. 2016), z mapped linearly to feature maps joined at the first layer (He et al. 2019; Kim et al. 2018).
     Default kernels: He et al.'s 13 layers (five 7x7, four 5x5, four 3x3); latent_dim 0 is a plain PixelCNN."""
 
     def __init__(self, latent_dim, channels=64, kernels=(7, 7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3), z_maps=4):
@@ -291,23 +283,17 @@ class PixelCNNDecoder(nn.Module):
             v, h = layer(v, h)
         return self.out(h)
 
-    def pixel_log_prob(self, x, z):
-        """log p(x_i | x_<i, z) for x [batch, 1, 28, 28], z [batch, n, d]: [batch, n, 784]."""
+    def log_prob(self, x, z, generator=None):          # no dropout: generator is for the common interface
         batch, n = z.shape[:2]
         images = x.unsqueeze(1).expand(-1, n, -1, -1, -1).reshape(batch * n, *x.shape[1:])
-        return bernoulli_log_prob(self.logits(images, z.reshape(batch * n, -1)), images).view(batch, n, -1)
-
-    def log_prob(self, x, z, generator=None):
-        """log p(x|z): [batch, n]. (No dropout: generator is accepted for the common interface.)"""
-        return self.pixel_log_prob(x, z).sum(-1)
+        return bernoulli_log_prob(self.logits(images, z.reshape(batch * n, -1)), images).view(batch, n, -1).sum(-1)
 
     def cost_per_sample(self, x):
         return 6 * self.channels * x[0].numel()
 
     @torch.no_grad()
     def sample(self, z, generator=None):
-        """Images [m, 1, 28, 28] drawn from p(x|z) for z [m, d], pixel by pixel in raster order (sequential by
-        nature: one pass of the network per pixel, over all m images at once)."""
+        """Images [m, 1, 28, 28] drawn from p(x|z), pixel by pixel (one pass of the network per pixel)."""
         images = torch.zeros(len(z), 1, 28, 28, device=z.device)
         for i in range(28 * 28):
             p = torch.sigmoid(self.logits(images, z)[:, 0, i // 28, i % 28])
@@ -315,22 +301,8 @@ class PixelCNNDecoder(nn.Module):
         return images
 
 
-class MLPEncoder(nn.Module):
-    """Burda et al. 2016's encoder: 784-200-200-(mean, logvar) with tanh units."""
-
-    def __init__(self, latent_dim, hidden=200):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
-                                 nn.Tanh(), nn.Linear(hidden, 2 * latent_dim))
-
-    def forward(self, x):
-        mean, logvar = self.net(x).chunk(2, -1)
-        return mean, logvar
-
-
 class MLPDecoder(nn.Module):
-    """Burda et al. 2016's decoder, the encoder's mirror: d-200-200-784 Bernoulli logits, tanh units.
-    Pixels are independent given z."""
+    """Burda et al. 2016's decoder: d-200-200-784 Bernoulli logits, tanh units; pixels independent given z."""
 
     def __init__(self, latent_dim, hidden=200):
         super().__init__()
@@ -338,7 +310,6 @@ class MLPDecoder(nn.Module):
                                  nn.Linear(hidden, 784))
 
     def log_prob(self, x, z, generator=None):
-        """log p(x|z): [batch, n]. (No dropout: generator is accepted for the common interface.)"""
         return bernoulli_log_prob(self.net(z), x.flatten(1).unsqueeze(1).expand(-1, z.shape[1], -1)).sum(-1)
 
     def cost_per_sample(self, x):
@@ -346,18 +317,17 @@ class MLPDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, z, generator=None):
-        """Images [m, 1, 28, 28] drawn from p(x|z) for z [m, d] (independent pixels)."""
         p = torch.sigmoid(self.net(z))
         return (torch.rand(p.shape, generator=generator, device=z.device) < p).float().view(-1, 1, 28, 28)
 
 
 def build_model(args, dataset):
-    """The encoder, decoder and prior for a dataset (text or images), sized from args. With --oracle the decoder
-    is the dataset's true generator, frozen (Kim et al. 2018, Sec. 5.1); parse_args gave args its sizes."""
+    """The encoder, decoder and prior for a dataset, sized from args; with --oracle the decoder is the data's true
+    generator, frozen (Kim et al. 2018, Sec. 5.1)."""
     if args.latent_dim == 0:
         encoder = NoEncoder()
     elif dataset.kind == "image":
-        encoder = MLPEncoder(args.latent_dim, args.hidden_dim) if args.image_net == "mlp" else ResNetEncoder(args.latent_dim)
+        encoder = ImageEncoder(args.latent_dim, "resnet" if args.image_net == "pixelcnn" else "mlp", args.hidden_dim)
     else:
         encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, bool(args.bias))
     if dataset.kind == "image":
@@ -379,8 +349,7 @@ INTERFACES = {"decoder": ("log_prob", "sample", "cost_per_sample"), "prior": ("l
 
 
 def check_model(modules):
-    """A model changed in a copied script must have every method the shared code calls (docs/design.md,
-    Interfaces): checked before the first step, so that a missing one stops the run at once, not after it."""
+    """Before the first step: a model changed in a copied script has every method the shared code calls."""
     for name, methods in INTERFACES.items():
         if name not in modules:
             fail(f"the script's modules have no '{name}': add it to the modules dict (it is saved and scored)")
@@ -390,17 +359,14 @@ def check_model(modules):
                  f"{', '.join(methods)} (docs/design.md, Interfaces)")
 
 
-# ====================================================================================================
 # 3. SVI pieces that svi.py and savae.py share. The steps themselves (Kim et al. 2018, Alg. 2), and SA-VAE's
 # backward loop through them, are in those scripts.
 # Per example: the objective of the steps is the SUM of the sentences' -ELBOs, so row i of its gradient is
 # sentence i's own, and clipping (mean and logvar separately) acts row by row: no sentence's steps depend on
 # the batch size or on the other sentences. Kim et al.'s objective was the batch MEAN, so their step on a
 # sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
-# ====================================================================================================
 
-def trainable(module):
-    """The parameters that get gradients (not those of --oracle's frozen generator)."""
+def trainable(module):                            # not those of --oracle's frozen generator
     return [p for p in module.parameters() if p.requires_grad]
 
 
@@ -419,12 +385,10 @@ def svi_objective(decoder, prior, x, mean, logvar, kl_weight, generator):
 
 @contextlib.contextmanager
 def svi_mode(decoder):
-    """The decoder's nn.LSTMs in train mode during SVI steps, also in evaluation: cuDNN's LSTM has a backward
-    only in train mode. They are one-layer LSTMs without dropout, so their output is the same; the decoder's
-    own dropout reads decoder.training and is unchanged. On a CPU it changes nothing. Restored on exit."""
-    lstms = [m for m in decoder.modules() if isinstance(m, nn.LSTM) and not m.training]
-    if any(m.num_layers > 1 and m.dropout > 0 for m in lstms):
-        raise ValueError("svi_mode needs LSTMs without dropout between layers")
+    """The decoder's nn.LSTMs in train mode during SVI steps, in evaluation too: cuDNN's LSTM has a backward only
+    in train mode. Without dropout between layers their output is the same (the decoder's own dropout reads
+    decoder.training)."""
+    lstms = [m for m in decoder.modules() if isinstance(m, nn.LSTM) and not m.training and not m.dropout]
     for m in lstms:
         m.train()
     try:
@@ -436,19 +400,14 @@ def svi_mode(decoder):
 
 def clip_rows(g, max_norm):
     """Each row of g scaled to norm at most max_norm (0: off)."""
-    if max_norm <= 0:
-        return g
-    return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
+    return g * (max_norm / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1) if max_norm > 0 else g
 
 
-# ====================================================================================================
 # 4. Evaluation: every method scored the same way, with its own inference.
-# ====================================================================================================
 
 def chunk_floats(device):
-    """How many floats the decoder's outputs for one evaluation chunk may take: 2**25 (128 MB) on a CPU, where
-    larger chunks are no faster; on a GPU a sixteenth of its free memory (log-softmax and the LSTM's
-    intermediates take a few times the logits), so that a chunk keeps the card busy."""
+    """Floats the decoder's outputs for one evaluation chunk may take: 2**25 on a CPU (larger is no faster), a
+    sixteenth of the free memory on a GPU (the intermediates take a few times the logits), to keep it busy."""
     if device.type != "cuda":
         return 2 ** 25
     free, _ = torch.cuda.mem_get_info(device)
@@ -511,9 +470,7 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
             "iw_samples": iw_samples, "num_examples": num_examples}
 
 
-# ====================================================================================================
 # 5. Arguments. A dataset preset fills every flag the user did not give; explicit flags win.
-# ====================================================================================================
 
 TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
                    emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2, bias=1)
@@ -573,12 +530,10 @@ def add_shared_args(parser):
     add("--emb_dim", type=int, help="word embedding size (text)")
     add("--hidden_dim", type=int, help="LSTM units (text); PixelCNN feature maps or MLP units (images)")
     add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
-    add("--bias", type=int, choices=[0, 1], help="text networks: 1 gives the (mean, logvar) map, the z -> state "
-        "map and the vocabulary projection biases (Kim et al.'s code); 0 leaves them out (He et al.'s code)")
-    add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn",
-        help="images: ResNet encoder + gated PixelCNN decoder, or Burda et al.'s MLPs")
-    add("--oracle", action="store_true",
-        help="fix the decoder to the data's true generator (synthetic_oracle): only inference is learned")
+    add("--bias", type=int, choices=[0, 1], help="1: biases in the text networks' (mean, logvar), z -> state and "
+        "vocabulary maps (Kim et al.'s code); 0: none (He et al.'s)")
+    add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn", help="ResNet + PixelCNN, or Burda et al.'s MLPs")
+    add("--oracle", action="store_true", help="the decoder is the data's true generator (synthetic_oracle), fixed")
     add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
     add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
     add("--patience", type=int, help="halve the lr after this many epochs without a better validation -ELBO")
@@ -588,21 +543,19 @@ def add_shared_args(parser):
     add("--eval_only", action="store_true", help="score --checkpoint's best weights on the test split into a new "
         "metrics_eval_METHOD_epochN.json beside it (or in --save_dir); flags not given come from the checkpoint")
     add("--checkpoint", help="a model.pt to evaluate (with --eval_only)")
-    add("--cross_method", action="store_true", help="with --eval_only: score another script's checkpoint with "
-        "this script's inference")
+    add("--cross_method", action="store_true", help="with --eval_only: score another script's checkpoint")
     add("--resume", action="store_true", help="continue the run in SAVE_DIR; flags not given come from its "
         f"model.pt, and only --{' --'.join(RESUME_MAY_CHANGE)} may differ (--lr with --from_best)")
-    add("--from_best", action="store_true", help="with --resume: from the best weights, a fresh optimiser and "
-        "--lr (after divergence: --resume --from_best --lr LOWER)")
+    add("--from_best", action="store_true", help="with --resume: from the best weights, a fresh optimiser and --lr")
     add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
-    add("--gaps", type=int, default=0, metavar="N", help="after the test, the amortization and approximation gaps "
-        "(Cremer et al. 2018) of the first N test examples into gaps.json; log p(x) on a grid for d <= 2")
-    add("--examples", type=int, default=8, metavar="N", help="after the test, N prior samples, reconstructions "
-        "and interpolation steps (text: examples.txt and saliency; images: PNGs, minutes on a CPU); 0: none")
+    add("--gaps", type=int, default=0, metavar="N", help="the amortization and approximation gaps (Cremer et al. "
+        "2018) of the first N test examples, into gaps.json")
+    add("--examples", type=int, default=8, metavar="N", help="N samples, reconstructions and interpolation steps "
+        "(text: and saliency) after the test; 0: none")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
-    add("--plot_posterior", type=int, default=0, metavar="N", help="every N training steps, He et al.'s Fig. 2 "
-        "(posterior mean space, d = 1) into SAVE_DIR/posterior/")
+    add("--plot_posterior", type=int, default=0, metavar="N", help="He et al.'s Fig. 2 (d = 1) every N steps, into "
+        "SAVE_DIR/posterior/")
     return parser
 
 
@@ -622,12 +575,11 @@ def parse_args(parser, script):
     for key, value in {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.oracle:             # the decoder is synthetic_oracle's true generator: the model takes its sizes
-        for key in ("latent_dim", "emb_dim", "hidden_dim"):
-            if key in given and getattr(args, key) != PRESETS["synthetic_oracle"][key]:
-                fail(f"--oracle fixes the decoder to the true generator, whose {key} is "
-                     f"{PRESETS['synthetic_oracle'][key]}; drop --{key}")
-            setattr(args, key, PRESETS["synthetic_oracle"][key])
+    for key in ("latent_dim", "emb_dim", "hidden_dim") if args.oracle else ():   # the true generator's sizes
+        if key in given and getattr(args, key) != PRESETS["synthetic_oracle"][key]:
+            fail(f"--oracle fixes the decoder to the true generator, whose {key} is "
+                 f"{PRESETS['synthetic_oracle'][key]}; drop --{key}")
+        setattr(args, key, PRESETS["synthetic_oracle"][key])
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.save_dir = args.save_dir or os.path.join("runs", f"{args.method}-{args.dataset}")
     check_flags(args)
@@ -683,52 +635,42 @@ def check_flags(args):
          f"(--dataset synthetic_oracle); {args.dataset} has none"),
         (not args.cuda or torch.cuda.is_available(), "--cuda was given but PyTorch sees no CUDA GPU here; drop "
          "--cuda to run on the CPU"),
-        (args.epochs >= 0, "--epochs must be >= 0 (0: score the initial weights)"),
-        (args.train_size >= 0, "--train_size must be >= 0 (0: all training examples)"),
-        (args.batch_size >= 1, "--batch_size must be >= 1"),
         (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
-        (args.clip >= 0, "--clip must be >= 0 (0: off)"),
-        (args.latent_dim >= 0, "--latent_dim must be >= 0 (0: no latent)"),
-        (args.hidden_dim >= 1, "--hidden_dim must be >= 1"),
-        (args.emb_dim >= 1 or args.dataset in ("omniglot", "synthetic_images"), "--emb_dim must be >= 1 for text"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.warmup >= 0 and args.kl_start >= 0, "--warmup and --kl_start must be >= 0"),
-        (args.patience >= 1, "--patience must be >= 1"),
-        (args.iw_samples >= 1 and args.val_iw_samples >= 1, "--iw_samples and --val_iw_samples must be >= 1"),
-        (args.print_every >= 1, "--print_every must be >= 1 (batches between progress lines)"),
-        (args.examples >= 0, "--examples N needs N >= 0 (0: none)"),
-        (args.plot_posterior >= 0, "--plot_posterior N needs N >= 0 (0: off)"),
-        (args.gaps >= 0 and not (args.gaps and args.latent_dim == 0 and not args.oracle),
-         "--gaps N needs N >= 0 and a latent (--latent_dim > 0)")]:
+        (args.emb_dim >= 1 or args.dataset in ("omniglot", "synthetic_images"), "--emb_dim must be >= 1 for text"),
+        (not (args.gaps and args.latent_dim == 0 and not args.oracle), "--gaps needs a latent (--latent_dim > 0)"),
+        *[(getattr(args, key) >= 1, f"--{key} must be >= 1") for key in ("batch_size", "hidden_dim", "patience",
+                                                                         "iw_samples", "val_iw_samples", "print_every")],
+        *[(getattr(args, key) >= 0, f"--{key} must be >= 0 (0: {what})") for key, what in (
+            ("epochs", "score the initial weights"), ("train_size", "all training examples"), ("clip", "off"),
+            ("latent_dim", "no latent"), ("warmup", "no annealing"), ("kl_start", "the KL weight starts at 0"),
+            ("examples", "none"), ("plot_posterior", "off"), ("gaps", "off"))]]:
         if not ok:
             fail(message)
 
 
 def claim_save_dir(args):
     """Before any work: the output folder can be written, and a training run holds it alone. SAVE_DIR/lock is
-    locked (fcntl.flock) for the life of the process and freed by the system when it ends, however it ends: a
-    second run in the folder is refused at once, and a killed run never blocks --resume. A new run also refuses
-    a folder that holds another run (its checkpoint, log or metrics would be mixed or lost)."""
+    locked (fcntl.flock) while the process lives and freed by the system when it ends, however it ends: a second
+    run in the folder is refused at once, and a killed run never blocks --resume. A new run also refuses a folder
+    that holds another run (its checkpoint, log or metrics would be mixed or lost)."""
     folder = args.save_dir
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        fail(f"--save_dir {folder} is a file, not a folder; pass a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         lock = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT)
     except OSError as e:
-        fail(f"cannot write to --save_dir {folder} ({e.strerror or e}); pass a writable folder")
+        fail(f"--save_dir {folder} is a file, not a folder; pass a folder" if os.path.isfile(folder) else
+             f"cannot write to --save_dir {folder} ({e.strerror or e}); pass a writable folder")
     if args.eval_only:                             # it writes only new files beside a run: it needs no lock
         return os.close(lock)
-    held = [name for name in ("model.pt", "metrics.json", "log.jsonl") if os.path.exists(os.path.join(folder, name))
-            and os.path.getsize(os.path.join(folder, name)) > 0]
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if held and not args.resume:
-            raise FileExistsError
     except BlockingIOError:
         fail(f"{folder} is in use by {os.pread(lock, 200, 0).decode(errors='replace') or 'another run'}; wait for "
              f"it to end, or pass another --save_dir (nothing was changed)")
-    except FileExistsError:
+    held = [name for name in ("model.pt", "metrics.json", "log.jsonl")
+            if os.path.exists(os.path.join(folder, name)) and os.path.getsize(os.path.join(folder, name))]
+    if held and not args.resume:
         os.close(lock)                             # nothing was changed, and the folder stays free
         fail(f"{folder} already holds a run ({', '.join(held)}); add --resume to continue it, or pass a new "
              f"--save_dir (nothing was changed)")
@@ -736,17 +678,13 @@ def claim_save_dir(args):
     os.pwrite(lock, f"{args.method}.py (process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M')})".encode(), 0)
 
 
-# ====================================================================================================
 # 6. Training: optimisers, gradient clipping, KL annealing, the lr schedule, the progress meter.
-# ====================================================================================================
 
 def make_optimizer(params, args):
-    """SGD or Adam over the parameters that require gradients (never --oracle's frozen generator). With none
-    (svi.py --oracle), an empty parameter group keeps the lr schedule and the checkpoints working."""
+    """SGD or Adam over the parameters that require gradients (never --oracle's frozen generator); with none
+    (svi.py --oracle), an empty group keeps the lr schedule and the checkpoints working."""
     params = [p for p in params if p.requires_grad] or [{"params": []}]
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr)
-    return torch.optim.SGD(params, lr=args.lr)
+    return (torch.optim.Adam if args.optimizer == "adam" else torch.optim.SGD)(params, lr=args.lr)
 
 
 def clip_grad(modules, clip):
@@ -766,52 +704,41 @@ MAX_DECAYS = 5
 
 
 def schedule(state, val_loss, optimizers, patience):
-    """The papers' lr schedule: halve the lr of every optimiser when validation has not improved for
-    `patience` epochs (training stops after 5 halvings). Returns whether val is the best so far."""
+    """The papers' lr schedule: halve the lr when validation has not improved for `patience` epochs (training
+    stops after 5 halvings). Returns whether val is the best so far."""
     best = val_loss < state["best_val"]
-    if best:
-        state["best_val"], state["worse_epochs"] = val_loss, 0
-    else:
-        state["worse_epochs"] += 1
-        if state["worse_epochs"] >= patience:
-            state["lr"] /= 2
-            state["decays"] += 1
-            state["worse_epochs"] = 0
-            for opt in optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = state["lr"]
+    state["best_val"] = min(val_loss, state["best_val"])
+    state["worse_epochs"] = 0 if best else state["worse_epochs"] + 1
+    if state["worse_epochs"] >= patience:
+        state["lr"], state["decays"], state["worse_epochs"] = state["lr"] / 2, state["decays"] + 1, 0
+        for group in [g for opt in optimizers.values() for g in opt.param_groups]:
+            group["lr"] = state["lr"]
     return best
 
 
-def diverged(args, what, value, epoch, lr=None):
+def diverged(args, what, value, epoch):
     """Stop a run whose loss is no longer finite. Nothing of the diverged epoch is saved, so model.pt (if any)
     holds the last good epoch, and the best weights can be trained on with a lower lr."""
     checkpoint = os.path.join(args.save_dir, "model.pt")
-    if epoch > 1 and os.path.exists(checkpoint):
-        hint = (f"the diverged weights were not saved; {checkpoint} holds epoch {epoch - 1}: continue from the best "
-                f"weights with a lower lr: --resume --from_best --lr LOWER"
-                + (f" (the lr was {lr:g})" if lr is not None else ""))
-    else:
-        hint = "no checkpoint was written: start again with a lower --lr (or --clip)"
-    fail(f"{what} became {value} in epoch {epoch}; {hint}")
+    fail(f"{what} became {value} in epoch {epoch}; " + (
+        f"the diverged weights were not saved; {checkpoint} holds epoch {epoch - 1}: continue from the best weights "
+        f"with a lower lr: --resume --from_best --lr LOWER" if epoch > 1 and os.path.exists(checkpoint) else
+        "no checkpoint was written: start again with a lower --lr (or --clip)"))
 
 
 class Meter:
-    """An epoch's training quantities, per example, summed on the device (no host sync per step) and printed
-    by name every `print_every` steps: meter.add(kl_weight, neg_elbo=..., rec=..., kl=...), each a [batch]
-    tensor. Their means per example go to log.jsonl ("train"); a name neg_X prints as -X."""
+    """An epoch's training quantities per example, meter.add(kl_weight, neg_elbo=..., ...) with [batch] tensors:
+    summed on the device (no host sync per step), printed every --print_every steps (neg_X as -X) and logged
+    as means ("train" in log.jsonl)."""
 
     def __init__(self, args, epoch):
         self.args, self.epoch, self.start = args, epoch, time.time()
         self.end = self.start                      # time of the last training step: train_seconds excludes validation
-        self.names, self.sums, self.examples, self.steps = [], None, 0, 0
+        self.names, self.sums, self.examples, self.steps = [], 0, 0, 0
 
     def add(self, kl_weight, **per_example):
-        sums = torch.stack([v.detach().sum() for v in per_example.values()])
-        self.names, self.sums = list(per_example), sums if self.sums is None else self.sums + sums
-        self.examples += len(next(iter(per_example.values())))
-        self.steps += 1
-        self.end = time.time()
+        self.names, self.sums = list(per_example), self.sums + torch.stack([v.detach().sum() for v in per_example.values()])
+        self.examples, self.steps, self.end = self.examples + len(next(iter(per_example.values()))), self.steps + 1, time.time()
         if self.steps % self.args.print_every == 0:
             shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in self.result().items())
             print(f"epoch {self.epoch} step {self.steps}: {shown} kl_weight {kl_weight:.3f} "
@@ -819,28 +746,22 @@ class Meter:
 
     def result(self):
         """{name: mean per example}; a value that is not finite stops the run (diverged)."""
-        if self.sums is None:
-            return {}
-        result = dict(zip(self.names, (self.sums / self.examples).tolist()))
+        result = dict(zip(self.names, (self.sums / max(self.examples, 1)).tolist())) if self.names else {}
         for name, value in result.items():
             if not math.isfinite(value):
                 diverged(self.args, f"training {name.replace('neg_', '-')}", value, self.epoch)
         return result
 
 
-# ====================================================================================================
-# 7. Runs on disk. model.pt holds everything, the log lines included, and is written to a temporary file and
-# renamed; log.jsonl is rewritten from it after each save, so the two never disagree for long, and --resume
-# rewrites it from the checkpoint. JSON results are written whole and never over another file.
-# ====================================================================================================
+# 7. Runs on disk. model.pt holds everything, the log lines included: written to a temporary file and renamed,
+# then log.jsonl is written again from it, as --resume does. JSON results are written whole, never over a file.
 
 CHECKPOINT_FORMAT = "vi-checkpoint-2"
 
 
 def start(args, dataset, modules, optimizers):
-    """A fresh training state, or the one saved in SAVE_DIR/model.pt with --resume (a finished run is not
-    trained further: only a final test that did not complete is run again). With --eval_only, loads the
-    checkpoint's best weights instead. parse_args has checked the flags and claimed the folder."""
+    """A fresh training state, or with --resume the one in SAVE_DIR/model.pt (a finished run is not trained
+    further: only a final test that did not complete runs again); with --eval_only, the checkpoint's best weights."""
     check_model(modules)
     if not (args.resume or args.eval_only):
         return {"epoch": 0, "step": 0, "lr": args.lr, "best_val": math.inf, "worse_epochs": 0, "decays": 0,
@@ -848,97 +769,90 @@ def start(args, dataset, modules, optimizers):
     path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
     payload = load_checkpoint(path)
     if payload["vocab"] != getattr(dataset, "vocab", None):
-        saved = payload["args"]
         fail(f"{path} was trained with another vocabulary than {args.data_dir} gives with --train_size "
-             f"{args.train_size}; use the training run's --data_dir {saved.get('data_dir')} and --train_size "
-             f"{saved.get('train_size')}")
+             f"{args.train_size}; use the training run's --data_dir {payload['args']['data_dir']} and --train_size "
+             f"{payload['args']['train_size']}")
     if args.eval_only:
         load_modules(path, payload, "best_modules", modules)
-        return {**payload["state"], "trained_by": payload["args"].get("method", "?")}
-    state = {**payload["state"], "best_modules": payload["best_modules"]}
-    epoch, metrics_path = state["epoch"], os.path.join(args.save_dir, "metrics.json")
+        return {**payload["state"], "trained_by": payload["args"]["method"]}
+    state, metrics = {**payload["state"], "best_modules": payload["best_modules"]}, os.path.join(args.save_dir, "metrics.json")
     write_log(args.save_dir, state["log"])         # the epochs model.pt holds, whatever a kill left in the file
-    if state["decays"] >= MAX_DECAYS or epoch >= args.epochs:
+    if state["decays"] >= MAX_DECAYS or state["epoch"] >= args.epochs:
         why = f"after {MAX_DECAYS} lr halvings" if state["decays"] >= MAX_DECAYS else f"at --epochs {args.epochs}"
-        if os.path.exists(metrics_path):
-            print(f"{path}: the run finished {why} (epoch {epoch}) and wrote {metrics_path}: nothing to do "
+        if os.path.exists(metrics):
+            print(f"{path}: the run finished {why} (epoch {state['epoch']}) and wrote {metrics}: nothing to do "
                   f"(python analysis.py {args.save_dir} writes its reports again; --eval_only --checkpoint {path} "
                   f"scores it again, into a new file)", flush=True)
             raise SystemExit(0)
-        print(f"{path}: the run finished {why} (epoch {epoch}); its final test did not complete: "
-              f"running only the final test", flush=True)
-    elif os.path.exists(metrics_path):             # trained on to a larger --epochs: keep the earlier result
-        kept = free_name(args.save_dir, f"metrics_epoch{epoch}", ".json")
-        os.replace(metrics_path, kept)
-        print(f"training continues to --epochs {args.epochs}; the test metrics after epoch {epoch} moved to {kept}",
-              flush=True)
+        print(f"{path}: the run finished {why} (epoch {state['epoch']}); its final test did not complete: running "
+              f"only the final test", flush=True)
+    elif os.path.exists(metrics):                  # trained on to a larger --epochs: keep the earlier result
+        kept = link_free(metrics, args.save_dir, f"metrics_epoch{state['epoch']}")
+        os.remove(metrics)
+        print(f"training continues to --epochs {args.epochs}; the test metrics after epoch {state['epoch']} moved to "
+              f"{kept}", flush=True)
     load_modules(path, payload, "best_modules" if args.from_best else "modules", modules)
-    if args.from_best:                             # optimisers are new, made with --lr
+    for name, opt in optimizers.items() if not args.from_best else ():
+        opt.load_state_dict(payload["optimizers"][name])
+    if args.from_best:                             # the optimisers are new, made with --lr
         state["lr"], state["worse_epochs"] = args.lr, 0
-        print(f"resuming from the best weights (epoch {state.get('best_epoch', '?')}, validation -elbo "
-              f"{state['best_val']:.3f}) with a fresh optimiser at lr {args.lr:g}", flush=True)
-    else:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(payload["optimizers"][name])
+        print(f"resuming from the best weights (epoch {state['best_epoch']}, validation -elbo {state['best_val']:.3f}) "
+              f"with a fresh optimiser at lr {args.lr:g}", flush=True)
     torch.set_rng_state(payload["rng"]["torch"])
     dataset.generator.set_state(payload["rng"]["data"])
     if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    print(f"resumed from {path} after epoch {epoch}", flush=True)
+    print(f"resumed from {path} after epoch {state['epoch']}", flush=True)
     return state
 
 
 def epochs(args, state):
-    """The epochs still to train: after the state's epoch up to --epochs, none after 5 lr halvings (or a run
-    that already finished them), none with --eval_only. end_epoch advances state["epoch"]."""
+    """The epochs still to train: after the state's epoch up to --epochs, none after 5 lr halvings, none with
+    --eval_only. end_epoch advances state["epoch"]."""
     while not args.eval_only and state["epoch"] < args.epochs and state["decays"] < MAX_DECAYS:
         yield state["epoch"] + 1
 
 
 def end_epoch(args, state, meter, val, *, dataset, modules, optimizers, log=None):
     """After validation (val: evaluate's dict): the lr schedule, the log line (the meter's training means,
-    validation, and any other named quantities in `log`), the checkpoint (the latest state and the best
+    validation, and the method's own quantities in `log`), the checkpoint (the latest state and the best
     weights), then log.jsonl. A non-finite loss stops the run before anything is saved."""
     epoch, train = meter.epoch, meter.result()
     for key in ("neg_elbo", "nll"):
         if not math.isfinite(val[key]):
-            diverged(args, f"validation {key.replace('_', '-')}", val[key], epoch, state["lr"])
-    state["epoch"] = epoch
-    state["train_seconds"] += meter.end - meter.start
+            diverged(args, f"validation {key.replace('_', '-')}", val[key], epoch)
+    state["epoch"], state["train_seconds"] = epoch, state["train_seconds"] + meter.end - meter.start
     best = schedule(state, val["neg_elbo"], optimizers, args.patience)
     current = {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
     if best:
         state["best_modules"], state["best_epoch"] = current, epoch
-    state["log"].append({"epoch": epoch, "lr": state["lr"],
-                         "kl_weight": kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size)),
-                         "seconds": time.time() - meter.start, "train": train,
-                         "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")}, **(log or {})})
+    state["log"].append({"epoch": epoch, "lr": state["lr"], "kl_weight": kl_weight(args, state["step"],
+                         dataset.steps_per_epoch(args.batch_size)), "seconds": time.time() - meter.start,
+                         "train": train, "val": {k: v for k, v in val.items() if k not in ("iw_samples", "num_examples")},
+                         **(log or {})})
     save_checkpoint(os.path.join(args.save_dir, "model.pt"), {
         "format": CHECKPOINT_FORMAT, "args": {k: v for k, v in vars(args).items() if k != "device"},
-        "vocab": getattr(dataset, "vocab", None), "modules": current,
-        "state": {k: v for k, v in state.items() if k != "best_modules"}, "best_modules": state["best_modules"],
+        "vocab": getattr(dataset, "vocab", None), "modules": current, "best_modules": state["best_modules"],
+        "state": {k: v for k, v in state.items() if k != "best_modules"},
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "rng": {"torch": torch.get_rng_state(), "data": dataset.generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
     write_log(args.save_dir, state["log"])
     shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in list(train.items())[:1])
-    print(f"epoch {epoch}: train {shown} | val nll {val['nll']:.3f} "
-          f"-elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
+    print(f"epoch {epoch}: train {shown} | val nll {val['nll']:.3f} -elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
           f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
 
 
 def final_test(args, state, infer, dataset, modules):
-    """Evaluate the best weights on the test split with iw_samples; print, then write metrics.json (with
-    --eval_only a new file metrics_eval_METHOD_epochN.json that names the checkpoint). Returns the metrics."""
-    if "best_modules" in state:                    # training ran: test the best weights
-        for name, module in modules.items():
+    """The best weights on the test split with --iw_samples, printed and written to metrics.json (--eval_only: a
+    new metrics_eval_METHOD_epochN.json naming the checkpoint). Returns the metrics."""
+    for name, module in modules.items():
+        if "best_modules" in state:                # training ran: test the best weights
             module.load_state_dict(state["best_modules"][name])
-    for m in modules.values():
-        m.eval()
+        module.eval()
     test = evaluate(infer, modules["decoder"], modules["prior"], dataset.batches("test", args.batch_size),
                     args.iw_samples)
-    metrics = {"method": args.method, "dataset": args.dataset, **test, "train_seconds": state["train_seconds"]}
-    stem = "metrics"
+    metrics, stem = {"method": args.method, "dataset": args.dataset, **test, "train_seconds": state["train_seconds"]}, "metrics"
     if args.eval_only:                             # extra keys: which weights these are
         metrics.update(checkpoint=args.checkpoint, checkpoint_epoch=state["epoch"], trained_by=state["trained_by"])
         other = f"_from_{state['trained_by']}" if state["trained_by"] != args.method else ""
@@ -949,43 +863,41 @@ def final_test(args, state, infer, dataset, modules):
 
 
 def save_checkpoint(path, payload):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint (the lock makes
-    the temporary name this run's alone). A failed write (disk full) leaves model.pt as it was, with one line."""
+    """To a temporary file (the lock makes its name this run's alone), then renamed: never half written. A failed
+    write (disk full) leaves model.pt as it was and stops with one line."""
     try:
         torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:       # torch reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as e:           # torch reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot write the checkpoint {path} ({reason}); model.pt keeps the last epoch it held: "
-             f"free space, then continue with --resume")
+        fail(f"cannot write the checkpoint {path} ({(str(e).strip().splitlines() or [type(e).__name__])[0]}); "
+             f"model.pt keeps the last epoch it held: free space, then continue with --resume")
 
 
 def load_checkpoint(path):
     """A model.pt of these scripts, on the CPU (memory-mapped: reading its args is cheap)."""
-    if os.path.isdir(path):
-        fail(f"checkpoint {path} is a folder; pass the model.pt inside it ({os.path.join(path, 'model.pt')})")
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist; train first or pass the path of a model.pt")
+        fail(f"checkpoint {path} is a folder; pass the model.pt inside it ({os.path.join(path, 'model.pt')})"
+             if os.path.isdir(path) else f"checkpoint {path} does not exist; train first or pass the path of a model.pt")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        assert payload["format"] == CHECKPOINT_FORMAT
+        return payload
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is not a model.pt written by these scripts")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint written by this version of these scripts (no '{CHECKPOINT_FORMAT}' marker)")
-    return payload
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is not a model.pt written by this version "
+             f"of these scripts")
 
 
 def load_modules(path, payload, which, modules):
     """The weights `which` ('modules': latest, 'best_modules': best) of a checkpoint into modules."""
-    saved, trained_by = payload[which], payload["args"].get("method", "?")
+    saved, trained_by = payload[which], payload["args"]["method"]
     for name, module in modules.items():
-        if name not in saved:
-            fail(f"{path} (trained by {trained_by}.py) has no {name}, only {', '.join(sorted(saved))}; "
-                 f"evaluate it with {trained_by}.py")
         try:
             module.load_state_dict(saved[name])
+        except KeyError:
+            fail(f"{path} (trained by {trained_by}.py) has no {name}, only {', '.join(sorted(saved))}; evaluate it "
+                 f"with {trained_by}.py")
         except RuntimeError as e:
             fail(f"{path} does not fit this model ({str(e).strip().splitlines()[0]}); evaluate it with {trained_by}.py")
 
@@ -997,29 +909,24 @@ def write_log(folder, records):
     os.replace(os.path.join(folder, "log.jsonl.tmp"), os.path.join(folder, "log.jsonl"))
 
 
-def free_name(folder, stem, suffix):
-    """FOLDER/STEM+SUFFIX, or STEM_2+SUFFIX ... : the first name not taken."""
-    n = 1
-    while os.path.exists(path := os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}{suffix}")):
-        n += 1
-    return path
+def link_free(source, folder, stem):
+    """A hard link to `source` as FOLDER/STEM.json, or STEM_2.json ... if taken (os.link never replaces a file)."""
+    for n in range(1, 10 ** 6):
+        try:
+            os.link(source, path := os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}.json"))
+            return path
+        except FileExistsError:
+            pass
 
 
 def write_json(folder, stem, obj):
-    """FOLDER/STEM.json, or STEM_2.json ... if taken, written whole to a temporary file and then linked to its
-    name, which fails if the name is taken: never half written, never over another file. Returns the path."""
+    """FOLDER/STEM.json, or STEM_2.json ... if taken: written whole to a temporary file, then linked to its name.
+    Never half written, never over another file. Returns the path."""
     try:
         handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}", suffix=".tmp")
         with os.fdopen(handle, "w") as f:
             json.dump(obj, f, indent=1)
-        n = 1
-        while True:
-            path = os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}.json")
-            try:
-                os.link(tmp, path)
-                break
-            except FileExistsError:
-                n += 1
+        path = link_free(tmp, folder, stem)
         os.remove(tmp)
         return path
     except OSError as e:

@@ -243,6 +243,11 @@ def test_decoder_log_prob_equals_its_logits():
     assert torch.allclose(fused, reference.view(6, 2), rtol=1e-12, atol=1e-12)
 
 
+def pixel_log_prob(decoder, x, z):
+    """log p(x_i | x_<i, z) of every pixel, [batch, 784], from the decoder's logits."""
+    return common.bernoulli_log_prob(decoder.logits(x, z), x).flatten(1)
+
+
 def test_pixelcnn_term_of_pixel_i_ignores_every_later_pixel():
     torch.manual_seed(0)
     decoder = common.PixelCNNDecoder(latent_dim=2, channels=8).eval()
@@ -253,8 +258,8 @@ def test_pixelcnn_term_of_pixel_i_ignores_every_later_pixel():
     redrawn = (torch.rand(784, 784) < 0.5).float()
     copies = torch.where(keep, x.view(1, -1), redrawn).view(784, 1, 28, 28)
     with torch.no_grad():
-        base = decoder.pixel_log_prob(x, z)[0, 0]                                       # [784]
-        terms = torch.cat([decoder.pixel_log_prob(c, z.expand(len(c), -1, -1))[:, 0] for c in copies.split(196)])
+        base = pixel_log_prob(decoder, x, z[:, 0])[0]                                       # [784]
+        terms = torch.cat([pixel_log_prob(decoder, c, z[:, 0].expand(len(c), -1)) for c in copies.split(196)])
     change = (terms - base.view(1, -1)).abs()      # kernels differ with batch size: float noise ~1e-7
     assert change[keep].max() < 1e-5, f"{(change[keep] >= 1e-5).sum()} terms changed when only later pixels changed"
     assert (change.masked_fill(keep, 0) > 1e-4).any(1)[:700].all()   # the model does use the earlier pixels
@@ -266,12 +271,12 @@ def test_pixelcnn_has_no_blind_spot_and_uses_z():
     x = (torch.rand(1, 1, 28, 28) < 0.5).float()
     z = torch.randn(1, 1, 2)
     with torch.no_grad():
-        base = decoder.pixel_log_prob(x, z)[0, 0].view(28, 28)
+        base = pixel_log_prob(decoder, x, z[:, 0])[0].view(28, 28)
         for row, col in [(13, 16), (12, 17), (14, 13), (13, 14)]:      # above-right: a plain PixelCNN's blind spot
             flipped = x.clone()
             flipped[0, 0, row, col] = 1 - flipped[0, 0, row, col]
-            assert (decoder.pixel_log_prob(flipped, z)[0, 0].view(28, 28)[14, 14] - base[14, 14]).abs() > 1e-4, (row, col)
-        moved = (decoder.pixel_log_prob(x, z + 1)[0, 0] - base.flatten()).abs() > 1e-6
+            assert (pixel_log_prob(decoder, flipped, z[:, 0])[0].view(28, 28)[14, 14] - base[14, 14]).abs() > 1e-4, (row, col)
+        moved = (pixel_log_prob(decoder, x, z[:, 0] + 1)[0] - base.flatten()).abs() > 1e-6
         assert moved[0] and moved.float().mean() > 0.98        # z reaches every pixel, the first included
 
 

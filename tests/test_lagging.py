@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_metrics, run_script, run_scripts, succeeded
+from conftest import ROOT, TINY, TINY_TEXT, read_metrics, run_script, run_scripts, succeeded
 
 
 def without_time(metrics):
@@ -19,8 +19,9 @@ def read_log(folder):
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
-def test_aggressive_0_is_vae_exactly(tmp_path):
-    args = ["--train_size", "96", "--epochs", "2", "--iw_samples", "4", "--val_iw_samples", "2"]
+def test_aggressive_0_is_vae_exactly(tmp_path, text_dir):
+    args = ["--dataset", "text", "--data_dir", text_dir, *TINY_TEXT, "--epochs", "2", "--iw_samples", "4",
+            "--val_iw_samples", "2"]
     succeeded(run_scripts({name: [(f"{name}.py", *args, *extra, "--save_dir", tmp_path / name)]        # side by side
                            for name, extra in (("vae", []), ("lagging", ["--aggressive", "0"]))}))
     vae, lagging = read_metrics(tmp_path / "vae"), read_metrics(tmp_path / "lagging")
@@ -77,18 +78,19 @@ def test_one_sided_steps_clip_jointly_and_step_only_their_network(monkeypatch, t
         assert any(not torch.equal(p, b) for p, b in zip(decoder.parameters(), before_dec))
 
 
-def test_smoke_logs_mode_and_inner_steps_and_resumes_exactly(tmp_path):
-    args = ["--train_size", "64", "--iw_samples", "4", "--val_iw_samples", "2"]
+def test_smoke_logs_mode_and_inner_steps_and_resumes_exactly(tmp_path, text_dir):
+    args = ["--dataset", "text", "--data_dir", text_dir, *TINY_TEXT, "--iw_samples", "4", "--val_iw_samples", "2",
+            "--inner_steps", "30"]
     resumed = tmp_path / "resumed"          # interrupted after epoch 1 and resumed, beside the straight run
     succeeded(run_scripts({"resumed": [("lagging.py", *args, "--epochs", "1", "--save_dir", resumed),
                                        ("lagging.py", *args, "--epochs", "2", "--resume", "--save_dir", resumed)],
                            "straight": [("lagging.py", *args, "--epochs", "2", "--save_dir", tmp_path / "straight")]}))
     metrics = read_metrics(tmp_path / "straight")
-    assert metrics["method"] == "lagging" and metrics["num_examples"] == 2000
+    assert metrics["method"] == "lagging" and metrics["num_examples"] == 10
     log = read_log(tmp_path / "straight")
     assert [r["epoch"] for r in log] == [1, 2]
     for record in log:                               # epoch 1 cannot switch it off: no previous MI
-        assert record["aggressive"] is True and 1 <= record["inner_steps"] <= 100
+        assert record["aggressive"] is True and 1 <= record["inner_steps"] <= 30
         assert {"mi", "au", "kl"} <= set(record["val"])
     # interrupted after epoch 1 and resumed: the same mode, batches and numbers as the straight run
     assert without_time(read_metrics(tmp_path / "resumed")) == without_time(metrics)

@@ -13,10 +13,12 @@ def without_time(metrics):
     return {k: v for k, v in metrics.items() if k != "train_seconds"}
 
 
-def test_smoke_synthetic_and_same_seed_same_metrics(tmp_path):
-    succeeded(run_scripts({name: [("vae.py", *TINY, "--save_dir", tmp_path / name)] for name in "ab"}))  # side by side
+def test_smoke_and_same_seed_same_metrics(tmp_path, text_dir):
+    """(The default synthetic data runs through vae.py and lagging.py in test_lagging's three-seed comparison.)"""
+    text = ["--dataset", "text", "--data_dir", text_dir, *TINY_TEXT]
+    succeeded(run_scripts({name: [("vae.py", *TINY, *text, "--save_dir", tmp_path / name)] for name in "ab"}))
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert a["method"] == "vae" and a["dataset"] == "synthetic" and a["num_examples"] == 2000
+    assert a["method"] == "vae" and a["dataset"] == "text" and a["num_examples"] == 10
     assert a["nll"] <= a["neg_elbo"] + 0.05 and a["ppl"] > 1
     assert without_time(a) == without_time(b)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
@@ -39,8 +41,8 @@ def test_text_folder_and_eval_only(tmp_path, text_dir):
     assert evaluated["kl"] == pytest.approx(trained["kl"], rel=1e-5)   # same weights, same q
 
 
-def test_interrupted_and_resumed_run_matches_straight_run(tmp_path):
-    args = ["--train_size", "96", "--iw_samples", "4", "--val_iw_samples", "2"]
+def test_interrupted_and_resumed_run_matches_straight_run(tmp_path, text_dir):
+    args = ["--dataset", "text", "--data_dir", text_dir, *TINY_TEXT, "--iw_samples", "4", "--val_iw_samples", "2"]
     interrupted_run = [("vae.py", *args, "--epochs", "1", "--save_dir", tmp_path / "resumed"),       # then resumed
                        ("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "resumed", "--resume")]
     straight_run = [("vae.py", *args, "--epochs", "3", "--save_dir", tmp_path / "straight")]
