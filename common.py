@@ -1,18 +1,8 @@
-"""What every method needs to train and be scored; the objectives and inference procedures are in the method
-scripts, and what looks at a trained model afterwards (gaps, examples, saliency, curves, tables) in analysis.py.
-A function here gets what it needs as arguments (or the shared flags every script takes). Parts, in this order:
-  1. Gaussian math and the prior   sample_q, reparameterize, log_normal; StandardNormal, p(z)
-  2. Networks                      LSTMEncoder, LSTMDecoder; ImageEncoder, PixelCNNDecoder, MLPDecoder;
-                                   build_model, check_model
-  3. SVI pieces                    svi_generator, svi_objective, svi_mode, clip_rows, trainable
-  4. Evaluation                    evaluate (IW-NLL, -ELBO, KL, MI, AU, PPL)
-  5. Arguments                     PRESETS, add_shared_args, parse_args (checks, a saved run's flags, the lock)
-  6. Training                      make_optimizer, clip_grad, kl_weight, schedule, Meter
-  7. Runs on disk                  start, epochs, end_epoch, final_test; checkpoints, log.jsonl, metrics.json
-The model is three modules, and everything that scores or samples uses them (docs/design.md, Interfaces):
-  encoder(x) -> (mean, logvar), each [batch, d]: q(z|x) = N(mean, diag(exp(logvar)))
-  decoder.log_prob(x, z, generator=None) -> [batch, n] for z [batch, n, d]; decoder.sample, decoder.cost_per_sample
-  prior.log_prob(z), prior.sample(n, generator), prior.kl(mean, logvar)
+"""What every method needs to train and be scored, in seven parts (the lines "# N. ..." below): 1. Gaussian math
+and the prior, 2. networks, 3. SVI pieces, 4. evaluation, 5. arguments, 6. training, 7. runs on disk. The
+objectives and inference procedures are in the method scripts; what looks at a trained model (gaps, examples,
+saliency, curves, tables) is in analysis.py. A function here gets what it needs as arguments. The model is an
+encoder, a decoder and a prior, and everything that scores or samples uses them (docs/design.md, Interfaces).
 """
 import argparse
 import contextlib
@@ -30,8 +20,7 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 
-def fail(message):
-    """Stop with one clear line (no traceback): what is wrong and how to fix it."""
+def fail(message):                                # one clear line, no traceback: what is wrong and how to fix it
     raise SystemExit(f"error: {message}")
 
 
@@ -90,8 +79,7 @@ def dropout(t, p, training, generator=None):
 
 
 class LSTMEncoder(nn.Module):
-    """A one-layer LSTM over the embedded sentence; its last hidden state gives mean and logvar (bias=False: that
-    map without bias, as in He et al.'s code)."""
+    """A one-layer LSTM over the embedded sentence, its last state giving mean and logvar (bias=False: He et al.'s)."""
 
     def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim, bias=True):
         super().__init__()
@@ -108,9 +96,7 @@ class LSTMEncoder(nn.Module):
         return self.to_params(h[-1]).chunk(2, -1)
 
 
-class NoEncoder(nn.Module):
-    """latent_dim 0: there is no latent, so inference returns empty parameters."""
-
+class NoEncoder(nn.Module):                       # latent_dim 0: no latent, empty parameters
     def forward(self, x):
         return torch.zeros(x.shape[0], 0, device=x.device), torch.zeros(x.shape[0], 0, device=x.device)
 
@@ -118,8 +104,7 @@ class NoEncoder(nn.Module):
 class LSTMDecoder(nn.Module):
     """p(x|z) = prod_t p(x_t | x_<t, z), a one-layer LSTM (Kim et al. 2018; He et al. 2019): z joined to every input
     embedding and setting the initial state (c0 = W z, h0 = tanh(c0)); dropout on the embeddings and before the
-    vocabulary projection. latent_dim 0: an LSTM language model. z_to_output adds U z to the logits (the synthetic
-    data's generators). bias=False: the z -> state map and the projection without bias, as in He et al.'s code."""
+    output. latent_dim 0: a language model. z_to_output adds U z to the logits; bias=False as He et al.'s code."""
 
     def __init__(self, vocab_size, emb_dim, hidden_dim, latent_dim, dropout=0.0, z_to_output=False, bias=True):
         super().__init__()
@@ -155,8 +140,7 @@ class LSTMDecoder(nn.Module):
         nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), x[:, 1:].reshape(-1), reduction="none")
         return -nll.view(batch, n, -1).sum(-1)
 
-    def cost_per_sample(self, x):
-        """Floats one (example, sample) pair needs in log_prob: sizes evaluation chunks."""
+    def cost_per_sample(self, x):                  # floats one (example, sample) takes in log_prob: sizes chunks
         return x.shape[1] * (self.vocab_size + self.lstm.hidden_size)
 
     @torch.no_grad()
@@ -211,9 +195,8 @@ class ImageEncoder(nn.Module):
 
 
 class CausalConv(nn.Conv2d):
-    """A convolution that sees only the past: the vertical stack the rows above, the horizontal one the pixels to
-    the left (and the current row or pixel with include_center). By padding and shifting rather than masking, so
-    no multiply is spent on weights that would be masked to zero (van den Oord et al. 2016)."""
+    """A convolution that sees only the past (van den Oord et al. 2016): the vertical stack the rows above, the
+    horizontal the pixels to the left (and the current one with include_center), by padding and shifting."""
 
     def __init__(self, channels_in, channels_out, kernel, stack, include_center):
         half = kernel // 2
@@ -260,9 +243,8 @@ class GatedLayer(nn.Module):
 
 
 class PixelCNNDecoder(nn.Module):
-    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over 28x28 pixels in raster order: a gated PixelCNN (van den Oord
-    et al. 2016), z mapped linearly to feature maps joined at the first layer (He et al. 2019; Kim et al. 2018).
-    Default kernels: He et al.'s 13 layers (five 7x7, four 5x5, four 3x3); latent_dim 0 is a plain PixelCNN."""
+    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z), pixels in raster order: a gated PixelCNN (van den Oord et al. 2016),
+    z mapped to feature maps joined at the first layer; He et al. 2019's 13 layers (five 7x7, four 5x5, four 3x3)."""
 
     def __init__(self, latent_dim, channels=64, kernels=(7, 7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3), z_maps=4):
         super().__init__()
@@ -275,9 +257,7 @@ class PixelCNNDecoder(nn.Module):
 
     def logits(self, images, z):
         """Bernoulli logits of every pixel given the pixels before it: images [m, 1, 28, 28], z [m, d]."""
-        maps = None
-        if self.latent_dim > 0:
-            maps = self.z_to_maps(z).view(len(images), self.z_maps, *images.shape[2:])
+        maps = self.z_to_maps(z).view(len(images), self.z_maps, 28, 28) if self.latent_dim > 0 else None
         v, h = self.layers[0](images, images, maps)
         for layer in self.layers[1:]:
             v, h = layer(v, h)
@@ -330,64 +310,41 @@ def build_model(args, dataset):
         encoder = ImageEncoder(args.latent_dim, "resnet" if args.image_net == "pixelcnn" else "mlp", args.hidden_dim)
     else:
         encoder = LSTMEncoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, bool(args.bias))
-    if dataset.kind == "image":
-        if args.image_net == "mlp":
-            if args.latent_dim == 0:
-                fail("--image_net mlp needs a latent (its pixels are independent given z); use --latent_dim > 0")
-            decoder = MLPDecoder(args.latent_dim, args.hidden_dim)
-        else:
-            decoder = PixelCNNDecoder(args.latent_dim, args.hidden_dim)
-    else:
+    if dataset.kind == "text":
         decoder = LSTMDecoder(dataset.vocab_size, args.emb_dim, args.hidden_dim, args.latent_dim, args.dropout,
                               bias=bool(args.bias))
+    else:
+        decoder = (MLPDecoder if args.image_net == "mlp" else PixelCNNDecoder)(args.latent_dim, args.hidden_dim)
     if args.oracle:      # built above all the same, so that the random streams are those of a learned decoder
         decoder = dataset.true_decoder             # requires_grad False: make_optimizer leaves it out
     return encoder.to(args.device), decoder.to(args.device), StandardNormal(args.latent_dim).to(args.device)
 
 
-INTERFACES = {"decoder": ("log_prob", "sample", "cost_per_sample"), "prior": ("log_prob", "sample", "kl")}
-
-
 def check_model(modules):
     """Before the first step: a model changed in a copied script has every method the shared code calls."""
-    for name, methods in INTERFACES.items():
+    for name, methods in {"decoder": ("log_prob", "sample", "cost_per_sample"), "prior": ("log_prob", "sample", "kl")}.items():
         if name not in modules:
             fail(f"the script's modules have no '{name}': add it to the modules dict (it is saved and scored)")
-        missing = [m for m in methods if not callable(getattr(modules[name], m, None))]
-        if missing:
+        if missing := [m for m in methods if not callable(getattr(modules[name], m, None))]:
             fail(f"the {name} ({type(modules[name]).__name__}) has no {', '.join(missing)}: every {name} needs "
                  f"{', '.join(methods)} (docs/design.md, Interfaces)")
 
 
-# 3. SVI pieces that svi.py and savae.py share. The steps themselves (Kim et al. 2018, Alg. 2), and SA-VAE's
-# backward loop through them, are in those scripts.
-# Per example: the objective of the steps is the SUM of the sentences' -ELBOs, so row i of its gradient is
-# sentence i's own, and clipping (mean and logvar separately) acts row by row: no sentence's steps depend on
-# the batch size or on the other sentences. Kim et al.'s objective was the batch MEAN, so their step on a
-# sentence was lr / B and their clip acted on the whole batch: --svi_lr a here is their lr a * B at batch B.
-
-def trainable(module):                            # not those of --oracle's frozen generator
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def svi_generator(device):
-    """A local generator for one batch's SVI steps, seeded from the global CPU RNG (read, never reseeded):
-    runs stay repeatable and resumable, and each step's eps and dropout masks can be replayed."""
-    return torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, ())))
-
+# 3. SVI pieces that svi.py and savae.py share; their steps (Kim et al. 2018, Alg. 2) are in those scripts. Per
+# example: the steps' objective is the SUM of the sentences' -ELBOs, so row i of its gradient is sentence i's own,
+# and clipping (mean and logvar separately) acts row by row: no sentence's steps depend on the batch. Kim et al.'s
+# objective was the batch MEAN (a step of lr / B per sentence): --svi_lr a here is their lr a * B at batch B.
 
 def svi_objective(decoder, prior, x, mean, logvar, kl_weight, generator):
-    """f_i = -ELBO of each example with one sample, KL weighted as in training: [batch]. eps, then the
-    dropout masks, come from `generator`, so restoring its state replays the evaluation exactly."""
+    """f_i = -ELBO of each example, one sample, KL weighted: [batch]; eps, then dropout masks, from `generator`."""
     z = reparameterize(mean, logvar, 1, generator)
     return -decoder.log_prob(x, z, generator)[:, 0] + kl_weight * prior.kl(mean, logvar)
 
 
 @contextlib.contextmanager
 def svi_mode(decoder):
-    """The decoder's nn.LSTMs in train mode during SVI steps, in evaluation too: cuDNN's LSTM has a backward only
-    in train mode. Without dropout between layers their output is the same (the decoder's own dropout reads
-    decoder.training)."""
+    """The decoder's nn.LSTMs in train mode during SVI steps, in evaluation too, as cuDNN's LSTM has a backward only
+    there; without dropout between layers their output is the same (the decoder's own dropout reads its mode)."""
     lstms = [m for m in decoder.modules() if isinstance(m, nn.LSTM) and not m.training and not m.dropout]
     for m in lstms:
         m.train()
@@ -406,8 +363,7 @@ def clip_rows(g, max_norm):
 # 4. Evaluation: every method scored the same way, with its own inference.
 
 def chunk_floats(device):
-    """Floats the decoder's outputs for one evaluation chunk may take: 2**25 on a CPU (larger is no faster), a
-    sixteenth of the free memory on a GPU (the intermediates take a few times the logits), to keep it busy."""
+    """Floats an evaluation chunk's outputs may take: 2**25 on a CPU, a sixteenth of a GPU's free memory."""
     if device.type != "cuda":
         return 2 ** 25
     free, _ = torch.cuda.mem_get_info(device)
@@ -416,10 +372,8 @@ def chunk_floats(device):
 
 @torch.no_grad()
 def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
-    """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)`
-    (called under no_grad; an infer that needs gradients enables them itself).
-
-    From the same samples z ~ q(z|x), per example and averaged over examples:
+    """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)` (called under
+    no_grad; an infer that needs gradients enables them itself). From the same samples z ~ q(z|x), per example:
       nll      -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x)   (Burda et al. 2016; S = iw_samples)
       rec      -(1/S) sum_s log p(x|z_s)
       kl       KL(q(z|x) || p(z)) = prior.kl (closed form for N(0, I));  neg_elbo = rec + kl
@@ -427,12 +381,10 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
                (He et al. 2019, Sec. 4.2; bounded by log batch size)
       au       dimensions with Var_x(E_q[z_u]) >= 0.01 (unbiased variance over all examples)
       ppl      exp(total nll / total predicted tokens), tokens include </s> (text only; None for images)
-    Batched over examples and samples, in chunks of at most max_floats (default: chunk_floats of the device);
-    one host sync at the end.
-    """
+    Batched over examples and samples, in chunks of at most max_floats (default: chunk_floats); one host sync."""
     was_training = decoder.training
     decoder.eval()
-    sums, means, num_examples, num_tokens = None, [], 0, 0
+    sums, means, num_examples, num_tokens = 0, [], 0, 0
     for x in batches:
         mean, logvar = (t.detach() for t in infer(x))
         batch, d = mean.shape
@@ -452,8 +404,7 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
         nll = -(torch.logsumexp(log_w, 1) - math.log(samples))
         neg_entropy = -0.5 * (LOG_2PI + 1 + logvar).sum(-1)                      # E_q[log q(z|x)], closed form
         mi = neg_entropy - log_qz.mean(1) if d > 0 else torch.zeros_like(nll)
-        batch_sums = torch.stack([nll.sum(), -log_px_z.mean(1).sum(), prior.kl(mean, logvar).sum(), mi.sum()])
-        sums = batch_sums if sums is None else sums + batch_sums
+        sums = sums + torch.stack([nll.sum(), -log_px_z.mean(1).sum(), prior.kl(mean, logvar).sum(), mi.sum()])
         means.append(mean)
         num_examples += batch
         if x.dtype == torch.long:
@@ -464,8 +415,8 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
     nll, rec, kl, mi = (sums / num_examples).tolist()
     means = torch.cat(means)
     au = int((means.var(0) >= 0.01).sum()) if means.shape[1] > 0 and num_examples > 1 else 0
-    nll_per_token = sums[0].item() / num_tokens if num_tokens else None
-    ppl = None if nll_per_token is None else math.exp(nll_per_token) if nll_per_token < 709 else math.inf  # a float's end
+    per_token = sums[0].item() / max(num_tokens, 1)
+    ppl = (math.exp(per_token) if per_token < 709 else math.inf) if num_tokens else None   # exp overflows past 709.78
     return {"nll": nll, "neg_elbo": rec + kl, "rec": rec, "kl": kl, "mi": mi, "au": au, "ppl": ppl,
             "iw_samples": iw_samples, "num_examples": num_examples}
 
@@ -475,20 +426,17 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
 TEXT_PRESET = dict(epochs=100, batch_size=32, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=32,
                    emb_dim=512, hidden_dim=1024, dropout=0.5, warmup=10, kl_start=0.1, patience=2, bias=1)
 PRESETS = {
-    # He et al. 2019, Appendix B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO. Their text networks
-    # have no bias in the (mean, logvar) map, the z -> state map or the vocabulary projection (bias 0).
+    # He et al. 2019, App. B.1: d = 1, 50-unit LSTMs, batch 16, SGD lr 1, standard ELBO, networks without bias.
     "synthetic": dict(epochs=20, batch_size=16, lr=1.0, optimizer="sgd", clip=5.0, latent_dim=1,
                       emb_dim=50, hidden_dim=50, dropout=0.5, warmup=0, kl_start=1.0, patience=2, bias=0),
     # Kim et al. 2018 / He et al. 2019 text setting, with the 0.1 -> 1 KL annealing over 10 epochs.
     "yahoo": TEXT_PRESET, "yelp": TEXT_PRESET, "ptb": TEXT_PRESET, "text": TEXT_PRESET,
-    # Omniglot (He et al. 2019, Table 2): ResNet encoder, 13-layer gated PixelCNN with 64 maps, d = 32,
-    # Adam lr 1e-3, batch 50, standard ELBO. hidden_dim is the PixelCNN's feature maps.
+    # Omniglot (He et al. 2019, Table 2): ResNet encoder, 13-layer gated PixelCNN with 64 maps (hidden_dim), d = 32.
     "omniglot": dict(epochs=500, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=32,
                      emb_dim=0, hidden_dim=64, dropout=0.0, warmup=0, kl_start=1.0, patience=10, bias=1),
-    # Kim et al. 2018, Sec. 5.1 (data from an oracle generator, d = 2). Their App. B.1 as far as known (unverified):
-    # learned model with 100-dim embeddings and 100-unit LSTMs, batch 50, SGD lr 1, clip 5, no dropout, 100 epochs
-    # with KL annealing. Ours: Adam lr 1e-3 (SGD lr 1 diverges when the decoder is the sharp true generator, and
-    # one optimiser serves both columns), the standard ELBO and 3 epochs, to fit a CPU.
+    # Kim et al. 2018, Sec. 5.1 (an oracle generator, d = 2); their App. B.1 (unverified): 100-unit LSTMs, batch 50,
+    # SGD lr 1, 100 epochs with annealing. Ours: Adam lr 1e-3 (SGD lr 1 diverges with the sharp true generator),
+    # the standard ELBO and 3 epochs, to fit a CPU.
     "synthetic_oracle": dict(epochs=3, batch_size=50, lr=1e-3, optimizer="adam", clip=5.0, latent_dim=2,
                              emb_dim=100, hidden_dim=100, dropout=0.0, warmup=0, kl_start=1.0, patience=2, bias=1),
     # The image path at CPU size: same networks, few maps.
@@ -497,16 +445,13 @@ PRESETS = {
 }
 MLP_PRESET = dict(latent_dim=50, hidden_dim=200)   # --image_net mlp: Burda et al. 2016's 784-200-200-50
 MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "bias", "oracle")
-# Flags about this command's own work: --eval_only never takes them from the checkpoint, and --resume may change
-# them and the device and folders (they do not change what is trained). Any other flag given must agree.
+# This command's own work: --eval_only never takes it from a checkpoint, --resume may change it (and the device).
 OWN_WORK = ("epochs", "print_every", "iw_samples", "val_iw_samples", "gaps", "plot_posterior", "examples")
 RESUME_MAY_CHANGE = OWN_WORK + ("cuda", "save_dir", "data_dir")
 RUN_FLAGS = ("resume", "eval_only", "checkpoint", "cross_method", "from_best")   # about this command: never saved ones
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and shows each flag's default; preset flags' are listed after them."""
-
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
@@ -530,8 +475,7 @@ def add_shared_args(parser):
     add("--emb_dim", type=int, help="word embedding size (text)")
     add("--hidden_dim", type=int, help="LSTM units (text); PixelCNN feature maps or MLP units (images)")
     add("--dropout", type=float, help="decoder dropout on input embeddings and before the output layer")
-    add("--bias", type=int, choices=[0, 1], help="1: biases in the text networks' (mean, logvar), z -> state and "
-        "vocabulary maps (Kim et al.'s code); 0: none (He et al.'s)")
+    add("--bias", type=int, choices=[0, 1], help="biases in the text networks' linear maps (1: Kim et al.'s; 0: He et al.'s)")
     add("--image_net", choices=["pixelcnn", "mlp"], default="pixelcnn", help="ResNet + PixelCNN, or Burda et al.'s MLPs")
     add("--oracle", action="store_true", help="the decoder is the data's true generator (synthetic_oracle), fixed")
     add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
@@ -540,29 +484,23 @@ def add_shared_args(parser):
     add("--seed", type=int, default=783435, help="seeds every random draw")
     add("--cuda", action="store_true", help="run on the GPU")
     add("--save_dir", help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
-    add("--eval_only", action="store_true", help="score --checkpoint's best weights on the test split into a new "
-        "metrics_eval_METHOD_epochN.json beside it (or in --save_dir); flags not given come from the checkpoint")
+    add("--eval_only", action="store_true", help="score --checkpoint's best weights into metrics_eval_METHOD_epochN.json")
     add("--checkpoint", help="a model.pt to evaluate (with --eval_only)")
     add("--cross_method", action="store_true", help="with --eval_only: score another script's checkpoint")
-    add("--resume", action="store_true", help="continue the run in SAVE_DIR; flags not given come from its "
-        f"model.pt, and only --{' --'.join(RESUME_MAY_CHANGE)} may differ (--lr with --from_best)")
+    add("--resume", action="store_true", help=f"continue SAVE_DIR's run; only --{' --'.join(RESUME_MAY_CHANGE)} may change")
     add("--from_best", action="store_true", help="with --resume: from the best weights, a fresh optimiser and --lr")
     add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
-    add("--gaps", type=int, default=0, metavar="N", help="the amortization and approximation gaps (Cremer et al. "
-        "2018) of the first N test examples, into gaps.json")
-    add("--examples", type=int, default=8, metavar="N", help="N samples, reconstructions and interpolation steps "
-        "(text: and saliency) after the test; 0: none")
+    add("--gaps", type=int, default=0, metavar="N", help="the first N test examples' amortization and approximation gaps")
+    add("--examples", type=int, default=8, metavar="N", help="N samples, reconstructions, interpolation steps (0: none)")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
-    add("--plot_posterior", type=int, default=0, metavar="N", help="He et al.'s Fig. 2 (d = 1) every N steps, into "
-        "SAVE_DIR/posterior/")
+    add("--plot_posterior", type=int, default=0, metavar="N", help="He et al.'s Fig. 2 (d = 1) every N steps (0: off)")
     return parser
 
 
 def parse_args(parser, script):
-    """Parse; take a saved run's flags (--resume, --eval_only); fill from the dataset preset; check every flag and
-    claim the output folder before any work; pick the device, seed, and print the resolved arguments. The method's
-    name is the script's file name (a copied script is its own method)."""
+    """Parse, take a saved run's flags, fill from the preset, check flags and folder before any work, seed, print.
+    The method's name is the script's file name (a copied script is its own method)."""
     defaults = vars(parser.parse_args([]))
     unset = object()                               # a flag still unset after parsing was not given
     args = parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))
@@ -593,13 +531,12 @@ def parse_args(parser, script):
 
 
 def take_saved_args(args, given):
-    """--resume (SAVE_DIR/model.pt) and --eval_only (--checkpoint): every flag not given comes from the saved run.
-    A given flag may differ from it: with --resume those of RESUME_MAY_CHANGE (and --lr with --from_best), with
-    --eval_only all but the model's shape and data (MODEL_KEYS)."""
-    if args.eval_only and args.resume or args.eval_only and not args.checkpoint:
+    """--resume and --eval_only: a flag not given comes from the saved run; one given may differ from it only if in
+    RESUME_MAY_CHANGE (and --lr with --from_best), and with --eval_only if not in MODEL_KEYS."""
+    if args.eval_only and (args.resume or not args.checkpoint):
         fail("--eval_only needs --checkpoint PATH (a model.pt written by these scripts), and not --resume")
-    args.save_dir = args.save_dir or (None if args.eval_only else os.path.join("runs", f"{args.method}-{args.dataset}"))
-    path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
+    folder = args.save_dir or os.path.join("runs", f"{args.method}-{args.dataset}")
+    path = args.checkpoint if args.eval_only else os.path.join(folder, "model.pt")
     if args.resume and not os.path.exists(path):
         fail(f"--resume found no checkpoint {path}: --resume continues the run in --save_dir; pass that run's "
              f"folder as --save_dir, or drop --resume to start a new run")
@@ -609,36 +546,34 @@ def take_saved_args(args, given):
              f"--cross_method to score its weights with {args.method}.py's inference" if args.eval_only else
              f"resume it with {saved['method']}.py"))
     for key in sorted(given & saved.keys()):
-        may_differ = key not in MODEL_KEYS if args.eval_only else \
-            key in RESUME_MAY_CHANGE + RUN_FLAGS or (key == "lr" and args.from_best)
-        if not may_differ and getattr(args, key) != saved[key]:
+        differs = getattr(args, key) != saved[key]
+        if differs and (key in MODEL_KEYS if args.eval_only else key not in RESUME_MAY_CHANGE + RUN_FLAGS + (
+                ("lr",) if args.from_best else ())):
             how = (f"the model and its data come from {path}: drop --{key}" if args.eval_only else "--lr may change "
                    "only with --from_best (continue from the best weights with a fresh optimiser)" if key == "lr"
                    else f"drop --{key} to continue, or start a new run in another --save_dir")
             fail(f"--{key} {getattr(args, key)} differs from {path}'s ({saved[key]}); {how}")
     own = RUN_FLAGS + ("method", "save_dir", "cuda") + (OWN_WORK if args.eval_only else ())
-    for key, value in saved.items():            # the device is this machine's: never taken from the checkpoint
-        if key not in given and key not in own and hasattr(args, key):
-            setattr(args, key, value)
-    args.save_dir = args.save_dir or os.path.dirname(args.checkpoint) or "."
+    for key in saved.keys() - given - set(own):        # the device is this machine's: never taken from the checkpoint
+        if hasattr(args, key):                         # (another method's own flags are not this script's)
+            setattr(args, key, saved[key])
+    args.save_dir = args.save_dir or (os.path.dirname(args.checkpoint) or "." if args.eval_only else folder)
 
 
 def check_flags(args):
     """One clear line for a value no run can use, before any data is read."""
     for ok, message in [
-        (args.eval_only or not args.checkpoint, "--checkpoint is read only with --eval_only; to continue training "
-         "a run use --resume (it reads SAVE_DIR/model.pt)"),
+        (args.eval_only or not args.checkpoint, "--checkpoint goes with --eval_only (--resume reads SAVE_DIR/model.pt)"),
         (args.resume or not args.from_best, "--from_best goes with --resume (continue a run from its best weights)"),
-        (args.eval_only or not args.cross_method, "--cross_method goes with --eval_only (score another method's "
-         "checkpoint)"),
+        (args.eval_only or not args.cross_method, "--cross_method goes with --eval_only (score another's checkpoint)"),
         (args.dataset == "synthetic_oracle" or not args.oracle, f"--oracle needs data whose generator is known "
          f"(--dataset synthetic_oracle); {args.dataset} has none"),
-        (not args.cuda or torch.cuda.is_available(), "--cuda was given but PyTorch sees no CUDA GPU here; drop "
-         "--cuda to run on the CPU"),
+        (not args.cuda or torch.cuda.is_available(), "--cuda: PyTorch sees no CUDA GPU here; drop --cuda to use the CPU"),
         (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (args.emb_dim >= 1 or args.dataset in ("omniglot", "synthetic_images"), "--emb_dim must be >= 1 for text"),
         (not (args.gaps and args.latent_dim == 0 and not args.oracle), "--gaps needs a latent (--latent_dim > 0)"),
+        (args.latent_dim or args.image_net != "mlp", "--image_net mlp needs a latent (pixels independent given z)"),
         *[(getattr(args, key) >= 1, f"--{key} must be >= 1") for key in ("batch_size", "hidden_dim", "patience",
                                                                          "iw_samples", "val_iw_samples", "print_every")],
         *[(getattr(args, key) >= 0, f"--{key} must be >= 0 (0: {what})") for key, what in (
@@ -650,10 +585,9 @@ def check_flags(args):
 
 
 def claim_save_dir(args):
-    """Before any work: the output folder can be written, and a training run holds it alone. SAVE_DIR/lock is
-    locked (fcntl.flock) while the process lives and freed by the system when it ends, however it ends: a second
-    run in the folder is refused at once, and a killed run never blocks --resume. A new run also refuses a folder
-    that holds another run (its checkpoint, log or metrics would be mixed or lost)."""
+    """Before any work: the folder can be written, and a training run holds it alone. SAVE_DIR/lock is locked
+    (fcntl.flock) while the process lives and freed by the system however it ends: a second run is refused at once,
+    a killed one never blocks --resume. A new run also refuses a folder that holds another run."""
     folder = args.save_dir
     try:
         os.makedirs(folder, exist_ok=True)
@@ -681,8 +615,7 @@ def claim_save_dir(args):
 # 6. Training: optimisers, gradient clipping, KL annealing, the lr schedule, the progress meter.
 
 def make_optimizer(params, args):
-    """SGD or Adam over the parameters that require gradients (never --oracle's frozen generator); with none
-    (svi.py --oracle), an empty group keeps the lr schedule and the checkpoints working."""
+    """SGD or Adam over the parameters that require gradients; with none (svi.py --oracle) an empty group."""
     params = [p for p in params if p.requires_grad] or [{"params": []}]
     return (torch.optim.Adam if args.optimizer == "adam" else torch.optim.SGD)(params, lr=args.lr)
 
@@ -695,9 +628,7 @@ def clip_grad(modules, clip):
 
 def kl_weight(args, step, steps_per_epoch):
     """KL annealing: linear from kl_start to 1 over `warmup` epochs, updated every step."""
-    if args.warmup <= 0:
-        return 1.0
-    return min(1.0, args.kl_start + (1.0 - args.kl_start) * step / (args.warmup * steps_per_epoch))
+    return min(1.0, args.kl_start + (1.0 - args.kl_start) * step / (args.warmup * steps_per_epoch)) if args.warmup > 0 else 1.0
 
 
 MAX_DECAYS = 5
@@ -716,29 +647,24 @@ def schedule(state, val_loss, optimizers, patience):
     return best
 
 
-def diverged(args, what, value, epoch):
-    """Stop a run whose loss is no longer finite. Nothing of the diverged epoch is saved, so model.pt (if any)
-    holds the last good epoch, and the best weights can be trained on with a lower lr."""
-    checkpoint = os.path.join(args.save_dir, "model.pt")
-    fail(f"{what} became {value} in epoch {epoch}; " + (
-        f"the diverged weights were not saved; {checkpoint} holds epoch {epoch - 1}: continue from the best weights "
-        f"with a lower lr: --resume --from_best --lr LOWER" if epoch > 1 and os.path.exists(checkpoint) else
-        "no checkpoint was written: start again with a lower --lr (or --clip)"))
+def diverged(args, what, value, epoch):             # nothing of the epoch is saved: model.pt holds the last good one
+    fail(f"{what} became {value} in epoch {epoch}; " + (f"{args.save_dir}/model.pt holds epoch {epoch - 1}: continue "
+         f"from the best weights with a lower lr: --resume --from_best --lr LOWER" if epoch > 1 else
+         "no checkpoint was written: start again with a lower --lr (or --clip)"))
 
 
 class Meter:
-    """An epoch's training quantities per example, meter.add(kl_weight, neg_elbo=..., ...) with [batch] tensors:
-    summed on the device (no host sync per step), printed every --print_every steps (neg_X as -X) and logged
-    as means ("train" in log.jsonl)."""
+    """An epoch's training quantities, meter.add(kl_weight, neg_elbo=..., ...) with [batch] tensors: summed on the
+    device (no host sync per step), printed every --print_every steps (neg_X as -X), logged as means ("train")."""
 
-    def __init__(self, args, epoch):
-        self.args, self.epoch, self.start = args, epoch, time.time()
-        self.end = self.start                      # time of the last training step: train_seconds excludes validation
+    def __init__(self, args, epoch):               # end: the last step's time (train_seconds excludes validation)
+        self.args, self.epoch, self.start, self.end = args, epoch, time.time(), time.time()
         self.names, self.sums, self.examples, self.steps = [], 0, 0, 0
 
     def add(self, kl_weight, **per_example):
         self.names, self.sums = list(per_example), self.sums + torch.stack([v.detach().sum() for v in per_example.values()])
-        self.examples, self.steps, self.end = self.examples + len(next(iter(per_example.values()))), self.steps + 1, time.time()
+        self.examples += len(next(iter(per_example.values())))
+        self.steps, self.end = self.steps + 1, time.time()
         if self.steps % self.args.print_every == 0:
             shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in self.result().items())
             print(f"epoch {self.epoch} step {self.steps}: {shown} kl_weight {kl_weight:.3f} "
@@ -768,30 +694,27 @@ def start(args, dataset, modules, optimizers):
                 "train_seconds": 0.0, "log": []}
     path = args.checkpoint if args.eval_only else os.path.join(args.save_dir, "model.pt")
     payload = load_checkpoint(path)
+    saved = payload["args"]
     if payload["vocab"] != getattr(dataset, "vocab", None):
         fail(f"{path} was trained with another vocabulary than {args.data_dir} gives with --train_size "
-             f"{args.train_size}; use the training run's --data_dir {payload['args']['data_dir']} and --train_size "
-             f"{payload['args']['train_size']}")
+             f"{args.train_size}; use its --data_dir {saved['data_dir']} and --train_size {saved['train_size']}")
+    load_modules(path, payload, "best_modules" if args.eval_only or args.from_best else "modules", modules)
     if args.eval_only:
-        load_modules(path, payload, "best_modules", modules)
-        return {**payload["state"], "trained_by": payload["args"]["method"]}
+        return {**payload["state"], "trained_by": saved["method"]}
     state, metrics = {**payload["state"], "best_modules": payload["best_modules"]}, os.path.join(args.save_dir, "metrics.json")
     write_log(args.save_dir, state["log"])         # the epochs model.pt holds, whatever a kill left in the file
-    if state["decays"] >= MAX_DECAYS or state["epoch"] >= args.epochs:
-        why = f"after {MAX_DECAYS} lr halvings" if state["decays"] >= MAX_DECAYS else f"at --epochs {args.epochs}"
-        if os.path.exists(metrics):
-            print(f"{path}: the run finished {why} (epoch {state['epoch']}) and wrote {metrics}: nothing to do "
-                  f"(python analysis.py {args.save_dir} writes its reports again; --eval_only --checkpoint {path} "
-                  f"scores it again, into a new file)", flush=True)
-            raise SystemExit(0)
-        print(f"{path}: the run finished {why} (epoch {state['epoch']}); its final test did not complete: running "
+    done = f"after {MAX_DECAYS} lr halvings" if state["decays"] >= MAX_DECAYS else \
+        f"at --epochs {args.epochs}" if state["epoch"] >= args.epochs else None
+    if done and os.path.exists(metrics):
+        print(f"{path}: the run finished {done} (epoch {state['epoch']}) and wrote {metrics}: nothing to do (python "
+              f"analysis.py {args.save_dir} writes its reports again; --eval_only --checkpoint {path} scores it again)")
+        raise SystemExit(0)
+    if done:
+        print(f"{path}: the run finished {done} (epoch {state['epoch']}); its final test did not complete: running "
               f"only the final test", flush=True)
     elif os.path.exists(metrics):                  # trained on to a larger --epochs: keep the earlier result
-        kept = link_free(metrics, args.save_dir, f"metrics_epoch{state['epoch']}")
-        os.remove(metrics)
-        print(f"training continues to --epochs {args.epochs}; the test metrics after epoch {state['epoch']} moved to "
-              f"{kept}", flush=True)
-    load_modules(path, payload, "best_modules" if args.from_best else "modules", modules)
+        kept = move_json(metrics, args.save_dir, f"metrics_epoch{state['epoch']}")
+        print(f"training continues to --epochs {args.epochs}; the test metrics of epoch {state['epoch']} moved to {kept}")
     for name, opt in optimizers.items() if not args.from_best else ():
         opt.load_state_dict(payload["optimizers"][name])
     if args.from_best:                             # the optimisers are new, made with --lr
@@ -807,16 +730,14 @@ def start(args, dataset, modules, optimizers):
 
 
 def epochs(args, state):
-    """The epochs still to train: after the state's epoch up to --epochs, none after 5 lr halvings, none with
-    --eval_only. end_epoch advances state["epoch"]."""
+    """The epochs still to train (none after 5 lr halvings, none with --eval_only); end_epoch advances them."""
     while not args.eval_only and state["epoch"] < args.epochs and state["decays"] < MAX_DECAYS:
         yield state["epoch"] + 1
 
 
 def end_epoch(args, state, meter, val, *, dataset, modules, optimizers, log=None):
-    """After validation (val: evaluate's dict): the lr schedule, the log line (the meter's training means,
-    validation, and the method's own quantities in `log`), the checkpoint (the latest state and the best
-    weights), then log.jsonl. A non-finite loss stops the run before anything is saved."""
+    """After validation: the lr schedule, the log line (training means, validation, the method's own `log`), the
+    checkpoint (latest state and best weights), then log.jsonl. A non-finite loss stops the run, saving nothing."""
     epoch, train = meter.epoch, meter.result()
     for key in ("neg_elbo", "nll"):
         if not math.isfinite(val[key]):
@@ -838,9 +759,9 @@ def end_epoch(args, state, meter, val, *, dataset, modules, optimizers, log=None
         "rng": {"torch": torch.get_rng_state(), "data": dataset.generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
     write_log(args.save_dir, state["log"])
-    shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in list(train.items())[:1])
-    print(f"epoch {epoch}: train {shown} | val nll {val['nll']:.3f} -elbo {val['neg_elbo']:.3f} kl {val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} "
-          f"| lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
+    shown = [f"{name.replace('neg_', '-')} {value:.3f}" for name, value in list(train.items())[:1]]
+    print(f"epoch {epoch}: train {' '.join(shown)} | val nll {val['nll']:.3f} -elbo {val['neg_elbo']:.3f} kl "
+          f"{val['kl']:.3f} mi {val['mi']:.3f} au {val['au']} | lr {state['lr']:g}{' (best)' if best else ''}", flush=True)
 
 
 def final_test(args, state, infer, dataset, modules):
@@ -863,8 +784,7 @@ def final_test(args, state, infer, dataset, modules):
 
 
 def save_checkpoint(path, payload):
-    """To a temporary file (the lock makes its name this run's alone), then renamed: never half written. A failed
-    write (disk full) leaves model.pt as it was and stops with one line."""
+    """To a temporary file (the lock makes its name this run's), then renamed; a failed write leaves model.pt as it was."""
     try:
         torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -909,25 +829,21 @@ def write_log(folder, records):
     os.replace(os.path.join(folder, "log.jsonl.tmp"), os.path.join(folder, "log.jsonl"))
 
 
-def link_free(source, folder, stem):
-    """A hard link to `source` as FOLDER/STEM.json, or STEM_2.json ... if taken (os.link never replaces a file)."""
+def move_json(source, folder, stem):
+    """`source` renamed FOLDER/STEM.json, or STEM_2.json ... if taken (by os.link, which never replaces a file)."""
     for n in range(1, 10 ** 6):
-        try:
+        with contextlib.suppress(FileExistsError):
             os.link(source, path := os.path.join(folder, f"{stem}{'' if n == 1 else f'_{n}'}.json"))
+            os.remove(source)
             return path
-        except FileExistsError:
-            pass
 
 
 def write_json(folder, stem, obj):
-    """FOLDER/STEM.json, or STEM_2.json ... if taken: written whole to a temporary file, then linked to its name.
-    Never half written, never over another file. Returns the path."""
+    """FOLDER/STEM.json (STEM_2.json ... if taken), written to a temporary file and moved: whole, over no file."""
     try:
         handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}", suffix=".tmp")
         with os.fdopen(handle, "w") as f:
             json.dump(obj, f, indent=1)
-        path = link_free(tmp, folder, stem)
-        os.remove(tmp)
-        return path
+        return move_json(tmp, folder, stem)
     except OSError as e:
         fail(f"cannot write {stem}.json in {folder} ({e.strerror or e}); the results are printed above")

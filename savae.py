@@ -55,7 +55,8 @@ def svi_steps(x, mean, logvar, kl_weight, trace=None):
     logvar), decoder fixed, each sentence's gradient clipped on its own (mean and logvar separately).
     Returns (mean_K, logvar_K), detached. With a list `trace`, each step appends what the backward loop needs:
     lambda_k, its gradient, and the generator's state before the step (to replay its eps and dropout masks)."""
-    generator = common.svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps
+    # a local generator, seeded from the global one (read, never reseeded): a step's noise can be replayed
+    generator = torch.Generator(x.device).manual_seed(int(torch.randint(2 ** 62, ()))) if args.svi_steps else None
     lam = [mean.detach(), logvar.detach()]
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
     with torch.enable_grad(), common.svi_mode(decoder):    # cuDNN's LSTM backward also in evaluation
@@ -88,7 +89,8 @@ def hessian_vector(x, kl_weight, lam_k, rng, u):
     (h = 2^-8 in float32, 2^-17 in float64: truncation and rounding errors about equal), each point scored with
     step k's noise. The decoder's gradient sums over sentences, so f is weighted by +-1 / r_i instead of
     subtracting and dividing afterwards."""
-    params, generator = common.trainable(decoder), torch.Generator(device=x.device)
+    params = [p for p in decoder.parameters() if p.requires_grad]       # not --oracle's frozen generator
+    generator = torch.Generator(device=x.device)
     if args.hvp == "exact":
         generator.set_state(rng)
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
@@ -116,7 +118,7 @@ def svi_backward(x, kl_weight, trace, lam_bar):
     batch-mean loss L = mean_i f_i(lambda_K) with respect to (mean_K, logvar_K). Adds the terms through the
     steps, -sum_k H_{theta,lambda} v-bar_{k+1} (B3), to the decoder's .grad, which holds the direct term
     grad_theta L, and returns lambda-bar_0 for the encoder."""
-    params = common.trainable(decoder)
+    params = [p for p in decoder.parameters() if p.requires_grad]
     v_bar = [torch.zeros_like(t) for t in lam_bar]                                        # v-bar_K = 0
     theta_bar = [torch.zeros_like(p) for p in params]
     for lam_k, grads_k, rng in reversed(trace):

@@ -45,7 +45,8 @@ def svi_steps(x, mean, logvar, kl_weight):
     """K = --svi_steps steps of SGD with momentum (Kim et al. 2018, Alg. 2, F1 and F2) from lambda_0 = (mean,
     logvar), decoder fixed, each sentence's gradient clipped on its own (mean and logvar separately).
     Returns (mean_K, logvar_K), detached."""
-    generator = common.svi_generator(x.device) if args.svi_steps else None   # none drawn for 0 steps
+    # a local generator, seeded from the global one (read, never reseeded): a step's noise can be replayed
+    generator = torch.Generator(x.device).manual_seed(int(torch.randint(2 ** 62, ()))) if args.svi_steps else None
     lam = [mean.detach(), logvar.detach()]
     velocity = [torch.zeros_like(t) for t in lam]                                         # v_0 = 0
     with torch.enable_grad(), common.svi_mode(decoder):    # cuDNN's LSTM backward also in evaluation

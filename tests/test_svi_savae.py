@@ -45,7 +45,7 @@ def unrolled(ns, x, kl_weight, seed, create_graph=True):
     encoder, decoder, args = ns["encoder"], ns["decoder"], ns["args"]
     torch.manual_seed(seed)
     lam = list(encoder(x))
-    generator = common.svi_generator(x.device)
+    generator = torch.Generator(x.device).manual_seed(int(torch.randint(2 ** 62, ())))
     velocity = [torch.zeros_like(t) for t in lam]
     for _ in range(args.svi_steps):
         z = common.reparameterize(*lam, 1, generator)
