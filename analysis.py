@@ -1,8 +1,6 @@
 """What looks at a trained model or at finished runs: the amortization and approximation gaps (with log p(x) on a
-grid), He et al.'s posterior-mean frames, examples (samples, reconstructions, interpolations), saliency, training
-curves and the table over seeds. The scripts call plot_posterior() while training and report() at the end; a
-run's reports can be made again at any time, from the model and inference of the script that trained it:
-
+grid), He et al.'s posterior-mean frames, examples, saliency, training curves and the table over seeds. The scripts
+call plot_posterior() while training and report() at the end; a run's reports can be made again at any time:
     python analysis.py runs/vae-synthetic                  its default reports: curves.png, examples, saliency
     python analysis.py runs/vae-synthetic --gaps 100 --examples 16 --saliency
     python analysis.py --curves runs/vae-synthetic runs/lagging-synthetic --out curves.png
@@ -17,6 +15,7 @@ import os
 import re
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -30,19 +29,20 @@ def log_prob_chunked(decoder, x, z):
     return torch.cat([decoder.log_prob(x, part) for part in z.split(chunk, 1)], 1)
 
 
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        common.fail("drawing needs matplotlib (pip install matplotlib); then python analysis.py RUN draws it again")
-    return plt
+def write(path, text):                           # a report file, made again whole from the weights each time
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}", flush=True)
 
 
-# Gaps (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in VAEs") and log p(x) on a grid for d <= 2 (Kim et al.
-# 2018, Sec. 5.1). log p(x) - ELBO(q_method) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_method)], the approximation
-# gap plus the amortization gap, with q* the best Gaussian for this x alone, optimised from q_method.
+def drawing():                                    # matplotlib, imported only to draw; no pyplot: nothing global changes
+    from matplotlib.figure import Figure
+    from matplotlib.image import imsave
+    return Figure, imsave
+
+
+# Gaps (Cremer et al. 2018): log p(x) - ELBO(q_method) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_method)], the
+# approximation plus the amortization gap, q* the best Gaussian for x alone; log p(x) on a grid for d <= 2.
 
 GRID_RADIUS, GRID_STEP = 5.0, 0.2                  # z in [-5, 5]^d: prior mass outside is about 1e-6 per axis
 GAP_STEPS, GAP_SAMPLES, GAP_LR = 200, 8, 0.05      # from a VAE's q: 200 steps within 0.003 nats of 400
@@ -50,9 +50,8 @@ GAP_STEPS, GAP_SAMPLES, GAP_LR = 200, 8, 0.05      # from a VAE's q: 200 steps w
 
 @torch.no_grad()
 def grid_log_px(decoder, prior, x, latent_dim, radius=GRID_RADIUS, step=GRID_STEP):
-    """log p(x) = logsumexp_g [log p(x|z_g) + log p(z_g)] + d log(step), a Riemann sum over the grid
-    {-radius, ..., radius}^d, d = 1 or 2. Its error falls faster than exponentially in (posterior sd / step)^2, so
-    the sum over every other point is returned too: where the two agree, the grid is fine enough. [batch] each."""
+    """log p(x) = logsumexp_g [log p(x|z_g) + log p(z_g)] + d log(step) over {-radius, ..., radius}^d, d = 1 or 2, and
+    the same over every other point: the error falls faster than exponentially in (sd / step)^2, so they agree."""
     if latent_dim not in (1, 2):
         common.fail(f"the grid integrates over d = 1 or 2 latent dimensions, not {latent_dim}")
     n = int(round(2 * radius / step)) + 1
@@ -65,9 +64,8 @@ def grid_log_px(decoder, prior, x, latent_dim, radius=GRID_RADIUS, step=GRID_STE
 
 
 def optimal_q(decoder, prior, x, mean, logvar, generator):
-    """q* = argmax of ELBO(x; mean, logvar) from the given start: Adam on the sum of the examples' -ELBOs (elementwise:
-    each example alone), GAP_SAMPLES samples a step, lr falling linearly to 0 over GAP_STEPS. Returns mean*,
-    logvar* and how much each -ELBO still fell in the last tenth of the steps (near 0: converged)."""
+    """q* = argmax of ELBO(x; mean, logvar) from the start given: Adam on the examples' summed -ELBOs (each alone),
+    lr falling to 0. Returns mean*, logvar* and how much each -ELBO still fell in the last tenth (0: converged)."""
     lam, trace = [mean.detach().clone().requires_grad_(), logvar.detach().clone().requires_grad_()], []
     optimizer = torch.optim.Adam(lam, lr=GAP_LR)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / GAP_STEPS)
@@ -85,14 +83,13 @@ def optimal_q(decoder, prior, x, mean, logvar, generator):
 
 @torch.no_grad()
 def gaps(infer, decoder, prior, batches, count, samples, seed):
-    """The gaps on the first `count` examples of `batches`, from the method's own q = infer(x). ELBO(q_method) and
-    ELBO(q*) use the same eps (their difference is nearly free of noise); log p(x) is on the grid when d <= 2, else
-    importance-weighted with q* and `samples` samples (Burda et al. 2016). Nats per example, with standard errors."""
+    """The gaps of the first `count` examples, from the method's own q = infer(x); both ELBOs with the same eps (their
+    difference nearly free of noise); log p(x) on the grid for d <= 2, else IW with q*. Nats, with standard errors."""
     start, rows, seen, generator = time.time(), [], 0, None
     for x in batches:
-        x = x[:count - seen]
-        if len(x) == 0:
+        if seen >= count:
             break
+        x = x[:count - seen]
         generator = generator or torch.Generator(device=x.device).manual_seed(seed)   # training's stream untouched
         q_method = [t.detach() for t in infer(x)]
         *q_opt, still_falling = optimal_q(decoder, prior, x, *q_method, generator)
@@ -108,20 +105,15 @@ def gaps(infer, decoder, prior, batches, count, samples, seed):
         rows.append(torch.stack([*elbos, log_px, coarse, still_falling], 1))
         seen += x.shape[0]
     elbo_method, elbo_opt, log_px, coarse, still_falling = torch.cat(rows).T.cpu()
-    n, change = len(log_px), (log_px - coarse).abs()       # how much the grid's log p(x) moves at double spacing
-    result = {"examples": n, "log_px_by": "grid" if d <= 2 else "iw", "estimate_samples": samples}
+    n = len(log_px)
+    result = {"examples": n, "log_px_by": "grid" if d <= 2 else f"importance sampling from q*, {samples} samples",
+              "grid_change_at_double_step": (log_px - coarse).abs().max().item() if d <= 2 else None,
+              "still_falling": round(still_falling.mean().item(), 4), "seconds": round(time.time() - start, 1)}
     for name, t in (("elbo_method", elbo_method), ("elbo_opt", elbo_opt), ("log_px", log_px),
                     ("amortization_gap", elbo_opt - elbo_method), ("approximation_gap", log_px - elbo_opt)):
         result[name] = round(t.mean().item(), 4)
         result[name + "_se"] = round((t.std() / math.sqrt(n)).item() if n > 1 else math.nan, 4)
-    result["opt"] = {"steps": GAP_STEPS, "samples": GAP_SAMPLES, "lr": GAP_LR, "still_falling": round(still_falling.mean().item(), 4)}
-    if d <= 2:
-        result["grid"] = {"radius": GRID_RADIUS, "step": GRID_STEP, "mean_change_at_double_step":
-                          round(change.mean().item(), 6), "max_change_at_double_step": round(change.max().item(), 6)}
-    result["seconds"] = round(time.time() - start, 1)
-    print(f"gaps on {n} test examples: amortization {result['amortization_gap']:.3f} (se {result['amortization_gap_se']:.3f}),"
-          f" approximation {result['approximation_gap']:.3f} (se {result['approximation_gap_se']:.3f}), log p(x) "
-          f"{result['log_px']:.3f} ({result['log_px_by']}), {result['seconds']:.0f}s", flush=True)
+    print(f"gaps: {json.dumps(result)}", flush=True)
     return result
 
 
@@ -135,9 +127,8 @@ def true_posterior_mean(decoder, prior, x, grid):
 
 
 def plot_posterior(args, step, infer, decoder, prior, dataset, final=False):
-    """With --plot_posterior N, every N training steps: for 500 validation sentences, the mean of the true posterior
-    (grid over [-20, 20], step 0.1) against the mean of q(z|x), as SAVE_DIR/posterior/STEP.json (to redraw) and
-    .png; final=True draws the tested weights (final.json). Training's random streams are untouched."""
+    """With --plot_posterior N, every N steps: the mean of the true posterior (grid, [-20, 20] by 0.1) against that
+    of q(z|x) for 500 validation sentences, as posterior/STEP.json and .png (final: the tested weights)."""
     if not args.plot_posterior or (not final and step % args.plot_posterior):
         return
     if args.latent_dim != 1:
@@ -147,22 +138,22 @@ def plot_posterior(args, step, infer, decoder, prior, dataset, final=False):
     decoder.eval()
     with torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []), torch.no_grad():
         for x in dataset.batches("valid", args.batch_size):
-            x, grid = x[:500 - len(points["q_mean"])], torch.arange(-200, 201, device=x.device) / 10
-            points["q_mean"] += infer(x)[0][:, 0].tolist() if len(x) else []
-            points["true_mean"] += true_posterior_mean(decoder, prior, x, grid).tolist() if len(x) else []
+            x = x[:500 - len(points["q_mean"])]
+            if len(x) == 0:
+                break
+            points["q_mean"] += infer(x)[0][:, 0].tolist()
+            points["true_mean"] += true_posterior_mean(decoder, prior, x, torch.arange(-200, 201, device=x.device) / 10).tolist()
     decoder.train(was_training)
     path = os.path.join(args.save_dir, "posterior", "final" if final else f"{step:07d}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".json", "w") as f:
-        json.dump(points, f)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4), layout="tight")
+    write(path + ".json", json.dumps(points))
+    fig = drawing()[0](figsize=(4, 4), layout="tight")
+    ax = fig.subplots()
     ax.scatter(points["true_mean"], points["q_mean"], s=6, alpha=0.6)
     ax.plot([-3, 3], [-3, 3], color="gray", linewidth=0.8)
     ax.set(xlim=(-3, 3), ylim=(-3, 3), xlabel="mean of true posterior p(z|x)", ylabel="mean of q(z|x)",
            title=f"{args.method}, " + ("end, tested weights" if final else f"step {step}"))
     fig.savefig(path + ".png", dpi=100)
-    plt.close(fig)
 
 
 # Examples and saliency: what the model does, seen through the method's own q(z|x).
@@ -175,8 +166,8 @@ def words(vocab, tokens):
 
 @torch.no_grad()
 def text_examples(infer, decoder, prior, dataset, seed, count=8):
-    """Lines of text: sentences from the prior (sampled, then greedy), greedy reconstructions of test sentences from
-    the mean of the method's own q(z|x), and greedy sentences along the line between two test sentences' means."""
+    """Lines: prior samples (sampled, greedy), greedy reconstructions from the mean of the method's own q(z|x), and
+    greedy sentences between two test sentences' means."""
     vocab, x = dataset.vocab, max(dataset.by_length["test"].values(), key=len)[:count]   # one length: a batch
     generator = torch.Generator(device=x.device).manual_seed(seed)                   # training's stream untouched
     length = max(max(lengths) for lengths in dataset.by_length.values()) + 5
@@ -200,16 +191,14 @@ def text_examples(infer, decoder, prior, dataset, seed, count=8):
 
 @torch.no_grad()
 def image_examples(infer, decoder, prior, dataset, seed, count=8):
-    """{name: rows of [28, 28] images}: `count` samples from the prior; `count` test images over images drawn at the
-    mean of the method's q(z|x); two test images with images drawn at `count` points between their means. One
-    call of decoder.sample (a PixelCNN draws pixel by pixel: 784 passes, whatever the number of images)."""
+    """{name: rows of images}: prior samples; test images over images drawn at the mean of the method's q(z|x); two
+    test images with images drawn between their means. One decoder.sample: a PixelCNN takes 784 passes for all."""
     x = dataset.batches("test", count)[0][:count]
     mean, generator = infer(x)[0].detach(), torch.Generator(device=x.device).manual_seed(seed)
     if mean.shape[1] == 0:
         return {}
     path = mean[0] + torch.linspace(0, 1, count, device=x.device).unsqueeze(1) * (mean[-1] - mean[0])
-    drawn = decoder.sample(torch.cat([prior.sample(count, generator), mean, path]), generator)[:, 0]
-    drawn = drawn.split([count, len(mean), count])
+    drawn = decoder.sample(torch.cat([prior.sample(count, generator), mean, path]), generator)[:, 0].split([count, len(mean), count])
     grids = {"samples": [list(drawn[0])], "reconstructions": [list(x[:, 0]), list(drawn[1])]}
     return {**grids, "interpolation": [[x[0, 0], *drawn[2], x[-1, 0]]]} if len(x) >= 2 else grids
 
@@ -219,18 +208,16 @@ def save_grid(path, rows):
     grid = torch.full((len(rows) * 30 + 2, max(len(r) for r in rows) * 30 + 2), 0.5)
     for i, j, image in [(i, j, image) for i, row in enumerate(rows) for j, image in enumerate(row)]:
         grid[2 + 30 * i:30 * (i + 1), 2 + 30 * j:30 * (j + 1)] = 1 - image.float().cpu()
-    pyplot().imsave(path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    drawing()[1](path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    print(f"wrote {path}", flush=True)
 
 
 def saliency(infer, encoder, decoder, x):
-    """How much the model uses z, token by token, for sentences x [m, T] of one length (after Kim et al. 2018's
-    saliency analysis, as docs/design.md defines it):
-      output[i, t] = || d log p(x_t | x_<t, z) / dz ||_2 at z = the mean of the method's own q(z|x_i), for each
-                     predicted token (</s> included): how much each output token depends on z;
-      input[i, t]  = || d mean / d e_t ||_F, e_t the encoder's embedding of token t (<s> included): how much each
-                     input token moves the encoder's mean (None without an encoder with an nn.Embedding `embed`).
-    From the decoder's log_prob alone: log p(x_1..t | z) is log_prob of the first t + 1 tokens, each prefix with
-    its own copy of z, so one backward pass gives every prefix's gradient and token t's is the difference."""
+    """How much the model uses z, token by token, in sentences x [m, T] of one length (after Kim et al. 2018):
+      output[i, t] = ||d log p(x_t | x_<t, z) / dz|| at z = the mean of the method's own q(z|x_i), </s> included;
+      input[i, t]  = ||d mean / d e_t||_F, e_t the encoder's embedding of token t (None without an nn.Embedding).
+    From log_prob alone: log p(x_1..t | z) is log_prob of the first t + 1 tokens, each prefix with its own copy
+    of z: one backward pass gives every prefix's gradient, and token t's is the difference."""
     m, length = x.shape
     mean = infer(x)[0].detach()
     with torch.enable_grad():
@@ -252,10 +239,9 @@ def saliency(infer, encoder, decoder, x):
 
 
 def saliency_report(infer, encoder, decoder, dataset, count=8):
-    """saliency() of up to `count` test sentences of the most common length: (JSON-ready dict, HTML page), or
-    (None, None) for a model without a latent."""
+    """saliency() of up to `count` test sentences of the most common length: (JSON-ready dict, HTML page)."""
     x = max(dataset.by_length["test"].values(), key=len)[:count]
-    if infer(x)[0].shape[1] == 0:
+    if infer(x)[0].shape[1] == 0:                  # no latent
         return None, None
     output, inputs = saliency(infer, encoder, decoder, x)
     rows = [{"input_tokens": [dataset.vocab[t] for t in s], "input": None if inputs is None else inputs[i].tolist(),
@@ -293,8 +279,8 @@ def draw_curves(folders, path):
     runs = [(os.path.basename(os.path.normpath(f)), records) for f in folders if (records := read_log(f))]
     if not runs:
         common.fail(f"no log.jsonl with epochs in {', '.join(folders)}; pass run folders (--save_dir of a training run)")
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), layout="tight")
+    fig = drawing()[0](figsize=(13, 7), layout="tight")
+    axes = fig.subplots(2, 3)
     for ax, (title, *keys) in zip(axes.flat, CURVES):
         for colour, (name, records) in enumerate(runs):
             for style, key in zip(("-", "--", ":", "-."), keys):
@@ -307,7 +293,6 @@ def draw_curves(folders, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     print(f"wrote {path}", flush=True)
 
 
@@ -315,16 +300,14 @@ TABLE_KEYS = ("nll", "neg_elbo", "rec", "kl", "mi", "au", "ppl")
 
 
 def seed_table(folders):
-    """A markdown table of many runs' test metrics, mean +- standard deviation (over runs, n - 1), one row per folder
-    name without its trailing -seedN / _seedN (vae-seed1, vae-seed2 -> vae)."""
+    """A markdown table of runs' test metrics, mean +- sd over runs, a row per name without -seedN (vae-seed1 -> vae)."""
     groups = {}
     for folder in folders:
         try:
             with open(os.path.join(folder, "metrics.json")) as f:
                 metrics = json.load(f)
         except (OSError, ValueError) as e:
-            common.fail(f"cannot read {os.path.join(folder, 'metrics.json')} ({getattr(e, 'strerror', None) or e}); "
-                        f"pass folders of finished runs")
+            common.fail(f"cannot read {folder}/metrics.json ({getattr(e, 'strerror', None) or e}); pass finished runs")
         groups.setdefault((re.sub(r"[-_]seed\d+$", "", os.path.basename(os.path.normpath(folder))), metrics["dataset"]),
                           []).append(metrics)
     lines = ["| run | dataset | runs | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
@@ -337,48 +320,41 @@ def seed_table(folders):
 
 # The reports of a run: at the end of training (report), or again from its folder (python analysis.py RUN).
 
-def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps_of=0):
-    """Into the run's folder (args.save_dir): gaps.json (gaps_2.json ... if taken) of the first `gaps_of` test
-    examples; examples.txt or samples/reconstructions/interpolation.png with `examples` each; saliency.json and
-    .html of `saliency_of` test sentences. A report file already there is made again from the same weights."""
+def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps_of=0, curves=False):
+    """Into args.save_dir: gaps.json (gaps_2.json ... if taken) of `gaps_of` test examples; examples.txt or the PNG
+    grids of `examples`; saliency.json/.html of `saliency_of` sentences; curves.png (the others made again whole)."""
     decoder, prior, folder = modules["decoder"], modules["prior"], args.save_dir
     if gaps_of:
         result = gaps(infer, decoder, prior, dataset.batches("test", args.batch_size), gaps_of, args.iw_samples, args.seed)
         print(f"wrote {common.write_json(folder, 'gaps', {'method': args.method, **result})}", flush=True)
     if examples and dataset.kind == "text":
         lines = text_examples(infer, decoder, prior, dataset, args.seed, examples)
-        with open(os.path.join(folder, "examples.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines[:4]) + f"\n... wrote {os.path.join(folder, 'examples.txt')}", flush=True)
+        print("\n".join(lines[:4] + ["..."]), flush=True)
+        write(os.path.join(folder, "examples.txt"), "\n".join(lines) + "\n")
     for name, rows in image_examples(infer, decoder, prior, dataset, args.seed, examples).items() \
             if examples and dataset.kind == "image" else ():
         save_grid(os.path.join(folder, f"{name}.png"), rows)
-        print(f"wrote {os.path.join(folder, name + '.png')}", flush=True)
     report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset, saliency_of) \
         if saliency_of and dataset.kind == "text" else (None, None)
     if report:
-        with open(os.path.join(folder, "saliency.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        with open(os.path.join(folder, "saliency.html"), "w") as f:
-            f.write(page)
-        print(f"wrote {os.path.join(folder, 'saliency.json')} and its .html", flush=True)
+        write(os.path.join(folder, "saliency.json"), json.dumps(report, indent=1))
+        write(os.path.join(folder, "saliency.html"), page)
+    if curves and read_log(folder):                # no log after --epochs 0
+        draw_curves([folder], os.path.join(folder, "curves.png"))
 
 
 def report(args, infer, dataset, modules):
-    """The end of a run, after common.final_test: gaps.json with --gaps N; and after training (not --eval_only) the
+    """The end of a run, after common.final_test: gaps.json with --gaps N; after training (not --eval_only) also the
     last posterior frame, the examples and saliency of --examples N, and curves.png."""
-    if args.eval_only:
-        return write_reports(args, infer, dataset, modules, gaps_of=args.gaps)
-    plot_posterior(args, None, infer, modules["decoder"], modules["prior"], dataset, final=True)
-    write_reports(args, infer, dataset, modules, args.examples, args.examples, args.gaps)
-    if read_log(args.save_dir):                    # none after --epochs 0
-        draw_curves([args.save_dir], os.path.join(args.save_dir, "curves.png"))
+    if not args.eval_only:
+        plot_posterior(args, None, infer, modules["decoder"], modules["prior"], dataset, final=True)
+    own = 0 if args.eval_only else args.examples
+    write_reports(args, infer, dataset, modules, own, own, args.gaps, curves=not args.eval_only)
 
 
 def load_run(folder, script=None):
-    """A run's model with its best weights and its method's own inference, as the script that trained it (or
-    `script`) builds them: the script's setup, everything before `state = common.start(`, run with --eval_only
-    --checkpoint FOLDER/model.pt. Returns the script's globals (args, dataset, modules, infer, ...)."""
+    """A run's model (best weights) and its method's own inference, built by the script that trained it (or `script`):
+    its setup, before `state = common.start(`, run with --eval_only. Returns the script's globals (args, infer, ...)."""
     path = os.path.join(folder, "model.pt")
     payload = common.load_checkpoint(path)
     method = payload["args"]["method"]
@@ -389,12 +365,9 @@ def load_run(folder, script=None):
     if "state = common.start(" not in source:
         common.fail(f"{script} is not a method script of this project (it has no line 'state = common.start(')")
     cross = ["--cross_method"] if os.path.splitext(os.path.basename(script))[0] != method else []
-    namespace, argv = {"__name__": "analysis_run", "__file__": script}, sys.argv
-    sys.argv = [script, "--eval_only", "--checkpoint", path, "--save_dir", folder, *cross]
-    try:
+    namespace = {"__name__": "analysis_run", "__file__": script}
+    with mock.patch.object(sys, "argv", [script, "--eval_only", "--checkpoint", path, "--save_dir", folder, *cross]):
         exec(compile(source[:source.index("state = common.start(")], script, "exec"), namespace)
-    finally:
-        sys.argv = argv
     common.check_model(namespace["modules"])
     common.load_modules(path, payload, "best_modules", namespace["modules"])
     for module in namespace["modules"].values():
@@ -402,7 +375,7 @@ def load_run(folder, script=None):
     return namespace
 
 
-def main():
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("runs", nargs="+", metavar="RUN", help="run folders (the --save_dir of training runs)")
@@ -414,22 +387,14 @@ def main():
     add("--out", help="--curves: the PNG (default RUN/curves.png for one run); --table: also write it here")
     add("--script", help="the script whose model and inference to use (default: METHOD.py of the run)")
     cli = parser.parse_args()
-    if not (cli.gaps or cli.examples or cli.saliency or cli.curves or cli.table):       # a run's default reports
-        for folder in cli.runs:
-            draw_curves([folder], os.path.join(folder, "curves.png"))
-        cli.examples, cli.saliency = 8, True
+    default = not (cli.gaps or cli.examples or cli.saliency or cli.curves or cli.table)   # a run's own reports
     if cli.table:
         print(table := seed_table(cli.runs))
         if cli.out:
-            with open(cli.out, "w") as f:
-                f.write(table + "\n")
+            write(cli.out, table + "\n")
     if cli.curves:
         draw_curves(cli.runs, cli.out or os.path.join(cli.runs[0] if len(cli.runs) == 1 else ".", "curves.png"))
-    for folder in cli.runs if cli.gaps or cli.examples or cli.saliency else []:
+    for folder in cli.runs if cli.gaps or cli.examples or cli.saliency or default else []:
         run = load_run(folder, cli.script)
-        write_reports(run["args"], run["infer"], run["dataset"], run["modules"], cli.examples,
-                      (cli.examples or 8) * cli.saliency, cli.gaps)
-
-
-if __name__ == "__main__":
-    main()
+        write_reports(run["args"], run["infer"], run["dataset"], run["modules"], 8 if default else cli.examples,
+                      (cli.examples or 8) if cli.saliency or default else 0, cli.gaps, curves=default)

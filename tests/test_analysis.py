@@ -84,7 +84,7 @@ def test_gaps_of_a_poor_q_on_the_oracle_lstm_are_non_negative():
     assert result["amortization_gap"] > 5 * result["amortization_gap_se"] and result["amortization_gap"] > 1
     assert result["approximation_gap"] > -3 * result["approximation_gap_se"] - 0.01, result
     assert result["log_px_by"] == "grid" and result["examples"] == 8
-    assert abs(result["opt"]["still_falling"]) < 0.05, result       # the budget was enough to converge
+    assert abs(result["still_falling"]) < 0.05, result       # the budget was enough to converge
 
 
 class QuadraticDecoder:
