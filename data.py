@@ -151,7 +151,7 @@ def he_generator(seed, words=1000, emb_dim=100, hidden_dim=100):
     """The generator: an LSTM whose initial state and logits also get linear maps of z in R^2. Weights are large
     (uniform(-1, 1), and (-3, 3) for z -> logits, as in the authors' generator) so that sentences depend strongly on
     z. As there, the z -> state map and the vocabulary projection have no bias: with uniform(-1, 1) biases there,
-    aggressive training found no use for z even in its first epoch (docs/lagging_history.md)."""
+    aggressive training found no use for z even in its first epoch (docs/results.md, "History of the synthetic data")."""
     g = torch.Generator().manual_seed(seed)
     gen = LSTMDecoder(words, emb_dim, hidden_dim, latent_dim=2, z_to_output=True, bias=False).eval()
     with torch.no_grad():

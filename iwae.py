@@ -3,7 +3,7 @@ and decoder are trained jointly on L_k = E log (1/k) sum_s p(x, z_s) / q(z_s|x),
 that is the ELBO for k = 1 and tightens as k grows (each sample weighted by its normalised weight).
 
 Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016 (eq. 8 bound, eq. 14 gradient).
-Reproduce (docs/iwae_results.md: synthetic preset, 20 epochs, default seed; compared with python vae.py):
+Reproduce (docs/results.md#iwae: synthetic preset, 20 epochs, default seed; compared with python vae.py):
            python iwae.py --k 5
            python iwae.py --k 20
 """

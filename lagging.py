@@ -57,7 +57,7 @@ def train_step(x, kl_weight, update=("encoder", "decoder")):
     loss.backward()
     # both networks' gradients are clipped together even when only those in `update` step, as in
     # He et al.'s code (the paper leaves it open): a large decoder gradient shortens an encoder-only step.
-    # It decides whether z survives: clipping the encoder alone lost z at full size (docs/lagging_results.md).
+    # It decides whether z survives: clipping the encoder alone lost z at full size (docs/results.md).
     common.clip_grad(modules.values(), args.clip)
     for name in update:                                      # Algorithm 1 steps one side only
         optimizers[name].step()

@@ -1,7 +1,8 @@
 """docs/design.md: the five method scripts share their scaffolding word for word (the argument header, the setup
 and the epoch loop), so that `diff vae.py X.py` shows only what method X changes. Each script may depart from
 vae.py's scaffolding only in the lines listed here; a change to the scaffolding of one script (or a method line
-that grew into the loop) fails until it is made in all of them or listed, on purpose, below."""
+that grew into the loop) fails until it is made in all of them or listed, on purpose, below. Also: every script
+through its command line on images, the benchmark at a tiny size, and a copied script with its own model."""
 import difflib
 import json
 import math
