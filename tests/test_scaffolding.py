@@ -93,7 +93,7 @@ TINY_IMAGES = ["--dataset", "synthetic_images", "--train_size", "40", "--batch_s
                "--hidden_dim", "4", "--latent_dim", "2", "--iw_samples", "3", "--val_iw_samples", "2",
                "--examples", "0"]       # PixelCNN sampling takes 784 passes: tested in test_analysis.py
 IMAGE_RUNS = [("vae.py", []), ("vae.py", ["--image_net", "mlp"]), ("svi.py", ["--svi_steps", "2"]),
-              ("savae.py", ["--svi_steps", "2"]), ("lagging.py", []), ("iwae.py", ["--k", "2"])]
+              ("savae.py", ["--svi_steps", "2"]), ("lagging.py", ["--inner_steps", "10"]), ("iwae.py", ["--k", "2"])]
 
 
 @pytest.fixture(scope="module")
