@@ -29,10 +29,18 @@ def log_prob_chunked(decoder, x, z):
     return torch.cat([decoder.log_prob(x, part) for part in z.split(chunk, 1)], 1)
 
 
-def write(path, text):                           # a report file, made again whole from the weights each time
-    with open(path, "w") as f:
-        f.write(text)
+@contextlib.contextmanager
+def saving(path):                                 # a report file, made again whole each time; one line if it cannot be
+    try:                                          # (a full disk: the run and its metrics are not touched)
+        yield
+    except OSError as e:
+        common.fail(f"cannot write {path} ({e.strerror or e}); make room, then python analysis.py RUN makes it again")
     print(f"wrote {path}", flush=True)
+
+
+def write(path, text):
+    with saving(path), open(path, "w") as f:
+        f.write(text)
 
 
 def drawing():                                    # matplotlib, imported only to draw; no pyplot: nothing global changes
@@ -85,7 +93,7 @@ def optimal_q(decoder, prior, x, mean, logvar, generator):
 def gaps(infer, decoder, prior, batches, count, samples, seed):
     """The gaps of the first `count` examples, from the method's own q = infer(x); both ELBOs with the same eps (their
     difference nearly free of noise); log p(x) on the grid for d <= 2, else IW with q*. Nats, with standard errors."""
-    start, rows, seen, generator = time.time(), [], 0, None
+    start, rows, seen, generator, progress = time.time(), [], 0, None, common.Progress("gaps", count, " examples")
     for x in batches:
         if seen >= count:
             break
@@ -104,6 +112,7 @@ def gaps(infer, decoder, prior, batches, count, samples, seed):
             torch.logsumexp(log_px_z + prior.log_prob(z) - log_q, 1) - math.log(samples), torch.full((len(x),), math.nan))
         rows.append(torch.stack([*elbos, log_px, coarse, still_falling], 1))
         seen += x.shape[0]
+        progress(seen)
     elbo_method, elbo_opt, log_px, coarse, still_falling = torch.cat(rows).T.cpu()
     n = len(log_px)
     result = {"examples": n, "log_px_by": "grid" if d <= 2 else f"importance sampling from q*, {samples} samples",
@@ -153,7 +162,8 @@ def plot_posterior(args, step, infer, decoder, prior, dataset, final=False):
     ax.plot([-3, 3], [-3, 3], color="gray", linewidth=0.8)
     ax.set(xlim=(-3, 3), ylim=(-3, 3), xlabel="mean of true posterior p(z|x)", ylabel="mean of q(z|x)",
            title=f"{args.method}, " + ("end, tested weights" if final else f"step {step}"))
-    fig.savefig(path + ".png", dpi=100)
+    with saving(path + ".png"):
+        fig.savefig(path + ".png", dpi=100)
 
 
 # Examples and saliency: what the model does, seen through the method's own q(z|x).
@@ -167,17 +177,17 @@ def words(vocab, tokens):
 @torch.no_grad()
 def text_examples(infer, decoder, prior, dataset, seed, count=8):
     """Lines: prior samples (sampled, greedy), greedy reconstructions from the mean of the method's own q(z|x), and
-    greedy sentences between two test sentences' means."""
+    greedy sentences between two test sentences' means; without a latent, sentences sampled from the model."""
     vocab, x = dataset.vocab, max(dataset.by_length["test"].values(), key=len)[:count]   # one length: a batch
     generator = torch.Generator(device=x.device).manual_seed(seed)                   # training's stream untouched
     length = max(max(lengths) for lengths in dataset.by_length.values()) + 5
     first, z = torch.full((count,), vocab.index("<s>"), device=x.device), prior.sample(count, generator)
-    lines = ["# sentences from the prior p(z), sampled"]
-    lines += [words(vocab, row) for row in decoder.sample(z, first, length, generator=generator).tolist()]
-    lines += ["", "# the same z, greedy"] + [words(vocab, r) for r in decoder.sample(z, first, length, True).tolist()]
-    mean = infer(x)[0].detach()                  # count test sentences, or fewer
+    mean = infer(x)[0].detach()
+    sampled = [words(vocab, row) for row in decoder.sample(z, first, length, generator=generator).tolist()]
     if mean.shape[1] == 0:
-        return lines
+        return ["# sentences sampled from the model (no latent: nothing to reconstruct or interpolate)"] + sampled
+    lines = ["# sentences from the prior p(z), sampled"] + sampled
+    lines += ["", "# the same z, greedy"] + [words(vocab, r) for r in decoder.sample(z, first, length, True).tolist()]
     lines += ["", "# test sentence  ->  greedy reconstruction from the mean of q(z|x)"]
     lines += [f"{words(vocab, a)}  ->  {words(vocab, b)}"
               for a, b in zip(x.tolist(), decoder.sample(mean, first[:len(x)], length, True).tolist())]
@@ -190,17 +200,35 @@ def text_examples(infer, decoder, prior, dataset, seed, count=8):
 
 
 @torch.no_grad()
-def image_examples(infer, decoder, prior, dataset, seed, count=8):
+def image_examples(infer, decoder, prior, dataset, seed, count=8, budget=math.inf, again="python analysis.py RUN"):
     """{name: rows of images}: prior samples; test images over images drawn at the mean of the method's q(z|x); two
-    test images with images drawn between their means. One decoder.sample: a PixelCNN takes 784 passes for all."""
+    test images with images drawn between their means (samples only without a latent). A PixelCNN takes 784 passes
+    to draw: the images are drawn a few at a time, with progress, and no further once `budget` seconds would be
+    passed (only whole rows are kept)."""
     x = dataset.batches("test", count)[0][:count]
     mean, generator = infer(x)[0].detach(), torch.Generator(device=x.device).manual_seed(seed)
-    if mean.shape[1] == 0:
-        return {}
     path = mean[0] + torch.linspace(0, 1, count, device=x.device).unsqueeze(1) * (mean[-1] - mean[0])
-    drawn = decoder.sample(torch.cat([prior.sample(count, generator), mean, path]), generator)[:, 0].split([count, len(mean), count])
-    grids = {"samples": [list(drawn[0])], "reconstructions": [list(x[:, 0]), list(drawn[1])]}
-    return {**grids, "interpolation": [[x[0, 0], *drawn[2], x[-1, 0]]]} if len(x) >= 2 else grids
+    sizes = dict(samples=count, reconstructions=len(x), interpolation=count if len(x) >= 2 else 0) if mean.shape[1] else \
+        dict(samples=count)
+    z = torch.cat([prior.sample(count, generator), mean, path])[:sum(sizes.values())]
+    drawn, progress = [], common.Progress("drawing images", len(z))
+    while len(drawn) < len(z):
+        elapsed = max(time.time() - progress.start, 1e-6)
+        size = min(len(z) - len(drawn), max(1, int(10 * len(drawn) / elapsed)) if drawn else 1)   # about 10 s a call
+        if drawn and elapsed * (len(drawn) + size) / len(drawn) > budget:
+            print(f"drew {len(drawn)} of {len(z)} images: more would take longer than training did "
+                  f"({common.duration(budget)}); {again} --examples {count} draws them all", flush=True)
+            break
+        drawn += list(decoder.sample(z[len(drawn):len(drawn) + size], generator)[:, 0])
+        progress(len(drawn))
+    grids, at = {}, 0
+    for name, size in sizes.items():
+        if size and at + size <= len(drawn):
+            row = drawn[at:at + size]
+            grids[name] = {"samples": [row], "reconstructions": [list(x[:, 0]), row],
+                           "interpolation": [[x[0, 0], *row, x[-1, 0]]]}[name]
+        at += size
+    return grids
 
 
 def save_grid(path, rows):
@@ -208,8 +236,8 @@ def save_grid(path, rows):
     grid = torch.full((len(rows) * 30 + 2, max(len(r) for r in rows) * 30 + 2), 0.5)
     for i, j, image in [(i, j, image) for i, row in enumerate(rows) for j, image in enumerate(row)]:
         grid[2 + 30 * i:30 * (i + 1), 2 + 30 * j:30 * (j + 1)] = 1 - image.float().cpu()
-    drawing()[1](path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
-    print(f"wrote {path}", flush=True)
+    with saving(path):
+        drawing()[1](path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
 
 
 def saliency(infer, encoder, decoder, x):
@@ -217,13 +245,22 @@ def saliency(infer, encoder, decoder, x):
       output[i, t] = ||d log p(x_t | x_<t, z) / dz|| at z = the mean of the method's own q(z|x_i), </s> included;
       input[i, t]  = ||d mean / d e_t||_F, e_t the encoder's embedding of token t (None without an nn.Embedding).
     From log_prob alone: log p(x_1..t | z) is log_prob of the first t + 1 tokens, each prefix with its own copy
-    of z: one backward pass gives every prefix's gradient, and token t's is the difference."""
+    of z: one backward pass gives every prefix's gradient, and token t's is the difference. The prefixes go in
+    chunks of at most chunk_floats floats (decoder.cost_per_sample), so memory is bounded at any length."""
     m, length = x.shape
-    mean = infer(x)[0].detach()
+    mean, chunks, used, grads = infer(x)[0].detach(), [[]], 0, []
+    for t in range(1, length):
+        cost = m * decoder.cost_per_sample(x[:, :t + 1])
+        if chunks[-1] and used + cost > common.chunk_floats(x.device):
+            chunks, used = chunks + [[]], 0
+        chunks[-1], used = chunks[-1] + [t], used + cost
+    progress = common.Progress("saliency", length - 1, " prefixes")
     with torch.enable_grad():
-        z = [mean.unsqueeze(1).clone().requires_grad_() for _ in range(1, length)]
-        prefixes = sum(decoder.log_prob(x[:, :t + 1], z[t - 1]).sum() for t in range(1, length))
-        grads = torch.cat(torch.autograd.grad(prefixes, z), 1)                      # [m, T - 1, d]
+        for prefixes in chunks:
+            z = [mean.unsqueeze(1).clone().requires_grad_() for _ in prefixes]
+            grads += torch.autograd.grad(sum(decoder.log_prob(x[:, :t + 1], zt).sum() for t, zt in zip(prefixes, z)), z)
+            progress(prefixes[-1])
+        grads = torch.cat(grads, 1)                                                  # [m, T - 1, d]
         output = grads.diff(dim=1, prepend=torch.zeros_like(grads[:, :1])).norm(dim=-1)
         embed = getattr(encoder, "embed", None)
         if not isinstance(embed, nn.Embedding):
@@ -238,24 +275,33 @@ def saliency(infer, encoder, decoder, x):
     return output, grad.view(m, d, length, -1).pow(2).sum((1, 3)).sqrt()
 
 
-def saliency_report(infer, encoder, decoder, dataset, count=8):
-    """saliency() of up to `count` test sentences of the most common length: (JSON-ready dict, HTML page)."""
-    x = max(dataset.by_length["test"].values(), key=len)[:count]
-    if infer(x)[0].shape[1] == 0:                  # no latent
+def saliency_report(infer, encoder, decoder, dataset, count=8, longest=100):
+    """saliency() of up to `count` test sentences of the most common length up to `longest` words (the cost grows as
+    the length squared): (JSON-ready dict, HTML page). One scale per page, so pages and rows compare."""
+    groups = [t for n, t in dataset.by_length["test"].items() if n <= longest + 2]
+    if not groups or infer(groups[0][:1])[0].shape[1] == 0:
+        print("saliency: " + ("no latent" if groups else f"every test sentence is longer than {longest} words"
+                              ) + ": nothing to show", flush=True)
         return None, None
+    x = max(groups, key=len)[:count]
     output, inputs = saliency(infer, encoder, decoder, x)
     rows = [{"input_tokens": [dataset.vocab[t] for t in s], "input": None if inputs is None else inputs[i].tolist(),
              "output_tokens": [dataset.vocab[t] for t in s[1:]], "output": output[i].tolist()}
             for i, s in enumerate(x.tolist())]
+    top = {"output": output.max().item(), "input": 0.0 if inputs is None else inputs.max().item()}
+    scale = f"full red is {top['output']:.3g} (output), {top['input']:.3g} (input)" + (
+        "; every value is below 0.01: the model barely uses z" if max(top.values()) < 0.01 else "")
+    print(f"saliency: {scale}", flush=True)
 
-    def shade(tokens, values):                     # each row scaled to its own maximum; hover for the value
-        return " ".join(f'<span style="background: rgba(220, 40, 40, {v / (max(values) or 1):.2f})" title="{v:.3g}">'
+    def shade(tokens, values, kind):               # one scale per page; hover for the value
+        return " ".join(f'<span style="background: rgba(220, 40, 40, {v / (top[kind] or 1):.2f})" title="{v:.3g}">'
                         f'{html.escape(t)}</span>' for t, v in zip(tokens, values))
     page = "<html><meta charset='utf-8'><body style='font-family: monospace'><p>Saliency (analysis.py): output " \
-        "tokens shaded by ||d log p(x_t | x_&lt;t, z) / dz||, input tokens by ||d mean / d embedding||</p>" + "".join(
-            ("" if r["input"] is None else f"<p>input: {shade(r['input_tokens'], r['input'])}<br>")
-            + f"output: {shade(r['output_tokens'], r['output'])}</p>" for r in rows) + "</body></html>"
-    return {"definition": saliency.__doc__.split("\n", 1)[1], "sentences": rows}, page
+        "tokens shaded by ||d log p(x_t | x_&lt;t, z) / dz||, input tokens by ||d mean / d embedding||; " \
+        f"<b>{html.escape(scale)}</b></p>" + "".join(
+            ("" if r["input"] is None else f"<p>input: {shade(r['input_tokens'], r['input'], 'input')}<br>")
+            + f"output: {shade(r['output_tokens'], r['output'], 'output')}</p>" for r in rows) + "</body></html>"
+    return {"definition": saliency.__doc__.split("\n", 1)[1], "scale": top, "sentences": rows}, page
 
 
 # Finished runs: training curves from log.jsonl, the test metrics of many runs as a table over seeds.
@@ -266,63 +312,94 @@ CURVES = [("-ELBO (train, val) and val NLL", ("train", "neg_elbo"), ("train", "n
 
 
 def read_log(folder):
-    """The records of FOLDER/log.jsonl (a line that is not a JSON record is skipped)."""
-    path, records = os.path.join(folder, "log.jsonl"), []
+    """The epoch records of FOLDER/log.jsonl; lines that are not one are skipped, with a warning that counts them."""
+    path, records, skipped = os.path.join(folder, "log.jsonl"), [], 0
     for line in open(path, errors="replace").read().splitlines() if os.path.exists(path) else []:
         with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
+            if isinstance(record := json.loads(line), dict) and isinstance(record.get("epoch"), int):
+                records.append(record)
+                continue
+        skipped += 1
+    if skipped:
+        print(f"warning: {path}: {skipped} lines are not epoch records (skipped)", flush=True)
     return records
 
 
+def value(record, key):                           # record["train"]["kl"] for key ("train", "kl"); None if absent
+    for part in key:
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
 def draw_curves(folders, path):
-    """One PNG of the training curves of one or more runs (each run a colour, each quantity a panel)."""
-    runs = [(os.path.basename(os.path.normpath(f)), records) for f in folders if (records := read_log(f))]
-    if not runs:
-        common.fail(f"no log.jsonl with epochs in {', '.join(folders)}; pass run folders (--save_dir of a training run)")
-    fig = drawing()[0](figsize=(13, 7), layout="tight")
-    axes = fig.subplots(2, 3)
-    for ax, (title, *keys) in zip(axes.flat, CURVES):
-        for colour, (name, records) in enumerate(runs):
-            for style, key in zip(("-", "--", ":", "-."), keys):
-                points = [(r["epoch"], value) for r in records
-                          if (value := r.get(key[0]) if len(key) == 1 else r.get(key[0], {}).get(key[1])) is not None]
-                if points:
-                    ax.plot(*zip(*points), style, color=f"C{colour}", marker=".",
-                            label=f"{name} {'/'.join(key)}" if len(keys) > 1 or len(runs) > 1 else None)
-        ax.set(title=title, xlabel="epoch", yscale="log" if title == "learning rate" else "linear")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.savefig(path, dpi=90)
-    print(f"wrote {path}", flush=True)
+    """One PNG of the training curves of one or more runs: a panel per quantity (constant ones only named in the
+    title), a colour per run (per line with one run), a line style and marker per line of a panel."""
+    runs = [(os.path.basename(os.path.normpath(f)), read_log(f)) for f in folders]
+    if missing := [f for f, (_, records) in zip(folders, runs) if not records]:
+        common.fail(f"no log.jsonl with epochs in {', '.join(missing)}; pass run folders (the --save_dir of training runs)")
+    panels, constant = [], []
+    for title, *keys in CURVES:
+        lines = [(f"{name} {'/'.join(key)}", f"C{r if len(runs) > 1 else k}", k, points)
+                 for r, (name, records) in enumerate(runs) for k, key in enumerate(keys)
+                 if (points := [(rec["epoch"], v) for rec in records if isinstance(v := value(rec, key), (int, float))])]
+        values = {v for *_, points in lines for _, v in points}
+        if len(values) > 1:
+            panels.append((title, lines))
+        elif values:
+            constant.append(f"{title.split(' (')[0]} {values.pop():.4g}")
+    rows, last = max(1, math.ceil(len(panels) / 3)), max(rec["epoch"] for _, records in runs for rec in records)
+    fig = drawing()[0](figsize=(13, 0.5 + 3.3 * rows), layout="tight")
+    for ax, (title, lines) in zip(fig.subplots(rows, 3, squeeze=False).flat, panels):
+        for label, colour, k, points in lines:
+            ax.plot(*zip(*points), ("-", "--", ":", "-.")[k], color=colour, marker=".x^s"[k], label=label)
+        ax.set(title=title, xlabel="epoch", xlim=(0.5, last + 0.5), yscale="log" if title == "learning rate" else "linear")
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
+        ax.legend(fontsize=7)
+    for ax in fig.axes[len(panels):]:
+        ax.set_visible(False)
+    if constant:
+        fig.suptitle("constant: " + ", ".join(constant), fontsize=9)
+    with saving(path):
+        fig.savefig(path, dpi=90)
 
 
 TABLE_KEYS = ("nll", "neg_elbo", "rec", "kl", "mi", "au", "ppl")
 
 
 def seed_table(folders):
-    """A markdown table of runs' test metrics, mean +- sd over runs, a row per name without -seedN (vae-seed1 -> vae)."""
+    """A markdown table of runs' test metrics, mean +- sd over runs, a row per name without -seedN (vae-seed1 -> vae),
+    method and dataset (runs named alike of different methods or datasets are never averaged together)."""
     groups = {}
     for folder in folders:
+        path = os.path.join(folder, "metrics.json")
         try:
-            with open(os.path.join(folder, "metrics.json")) as f:
+            with open(path) as f:
                 metrics = json.load(f)
         except (OSError, ValueError) as e:
-            common.fail(f"cannot read {folder}/metrics.json ({getattr(e, 'strerror', None) or e}); pass finished runs")
-        groups.setdefault((re.sub(r"[-_]seed\d+$", "", os.path.basename(os.path.normpath(folder))), metrics["dataset"]),
-                          []).append(metrics)
-    lines = ["| run | dataset | runs | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
-    for (name, dataset), runs in groups.items():
+            common.fail(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); pass finished runs")
+        if not (isinstance(metrics, dict) and all(isinstance(metrics.get(k), str) for k in ("method", "dataset"))
+                and all(isinstance(metrics.get(k), (int, float, type(None))) for k in TABLE_KEYS)):
+            common.fail(f"{path} is not the metrics.json of a run (a JSON object with method, dataset and numbers for "
+                        f"{', '.join(TABLE_KEYS)})")
+        name = re.sub(r"[-_]seed\d+$", "", os.path.basename(os.path.normpath(folder)))
+        groups.setdefault((name, metrics["method"], metrics["dataset"]), []).append(metrics)
+    names = [name for name, *_ in groups]
+    if alike := sorted({name for name in names if names.count(name) > 1}):
+        print(f"warning: runs named {', '.join(alike)} are of different methods or datasets: a row for each", flush=True)
+    lines = ["| run | method | dataset | runs | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 4) + "|"]
+    for (name, method, dataset), runs in groups.items():
         values = [torch.tensor([float(r[k]) for r in runs if r.get(k) is not None], dtype=torch.float64) for k in TABLE_KEYS]
         cells = ["-" if len(v) == 0 else f"{v[0]:.2f}" if len(v) == 1 else f"{v.mean():.2f} +- {v.std():.2f}" for v in values]
-        lines.append(f"| {name} | {dataset} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {method} | {dataset} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # The reports of a run: at the end of training (report), or again from its folder (python analysis.py RUN).
 
-def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps_of=0, curves=False):
+def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps_of=0, curves=False, budget=math.inf):
     """Into args.save_dir: gaps.json (gaps_2.json ... if taken) of `gaps_of` test examples; examples.txt or the PNG
-    grids of `examples`; saliency.json/.html of `saliency_of` sentences; curves.png (the others made again whole)."""
+    grids of `examples` (images: drawn within `budget` seconds); saliency.json/.html of `saliency_of` sentences;
+    curves.png (the others made again whole)."""
     decoder, prior, folder = modules["decoder"], modules["prior"], args.save_dir
     if gaps_of:
         result = gaps(infer, decoder, prior, dataset.batches("test", args.batch_size), gaps_of, args.iw_samples, args.seed)
@@ -331,7 +408,7 @@ def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps
         lines = text_examples(infer, decoder, prior, dataset, args.seed, examples)
         print("\n".join(lines[:4] + ["..."]), flush=True)
         write(os.path.join(folder, "examples.txt"), "\n".join(lines) + "\n")
-    for name, rows in image_examples(infer, decoder, prior, dataset, args.seed, examples).items() \
+    for name, rows in image_examples(infer, decoder, prior, dataset, args.seed, examples, budget, f"python analysis.py {folder}").items() \
             if examples and dataset.kind == "image" else ():
         save_grid(os.path.join(folder, f"{name}.png"), rows)
     report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset, saliency_of) \
@@ -345,11 +422,12 @@ def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps
 
 def report(args, infer, dataset, modules):
     """The end of a run, after common.final_test: gaps.json with --gaps N; after training (not --eval_only) also the
-    last posterior frame, the examples and saliency of --examples N, and curves.png."""
+    last posterior frame, the examples and saliency of --examples N (images drawn within the time training took),
+    and curves.png."""
     if not args.eval_only:
         plot_posterior(args, None, infer, modules["decoder"], modules["prior"], dataset, final=True)
-    own = 0 if args.eval_only else args.examples
-    write_reports(args, infer, dataset, modules, own, own, args.gaps, curves=not args.eval_only)
+    own, took = 0 if args.eval_only else args.examples, sum(r["seconds"] for r in read_log(args.save_dir))
+    write_reports(args, infer, dataset, modules, own, own, args.gaps, curves=not args.eval_only, budget=took)
 
 
 def load_run(folder, script=None):
@@ -375,18 +453,13 @@ def load_run(folder, script=None):
     return namespace
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("runs", nargs="+", metavar="RUN", help="run folders (the --save_dir of training runs)")
-    add("--gaps", type=int, default=0, metavar="N", help="the gaps of the first N test examples into gaps.json")
-    add("--examples", type=int, default=0, metavar="N", help="N samples, reconstructions, interpolation steps")
-    add("--saliency", action="store_true", help="saliency.json and .html of the test sentences (text)")
-    add("--curves", action="store_true", help="the training curves of all RUNs in one PNG")
-    add("--table", action="store_true", help="the RUNs' test metrics, mean +- sd over the seeds of a run name")
-    add("--out", help="--curves: the PNG (default RUN/curves.png for one run); --table: also write it here")
-    add("--script", help="the script whose model and inference to use (default: METHOD.py of the run)")
-    cli = parser.parse_args()
+def main(cli):
+    if cli.gaps < 0 or not 0 <= cli.examples <= common.MAX_EXAMPLES:
+        common.fail(f"--gaps must be >= 0 and --examples in [0, {common.MAX_EXAMPLES}]")
+    if cli.out and (cli.table == cli.curves or not os.path.isdir(os.path.dirname(cli.out) or ".") or (
+            cli.curves and os.path.splitext(cli.out)[1].lower() not in (".png", ".pdf", ".svg"))):
+        common.fail(f"--out {cli.out}: it goes with one of --table (any file) or --curves (.png, .pdf or .svg), in a "
+                    f"folder that exists")
     default = not (cli.gaps or cli.examples or cli.saliency or cli.curves or cli.table)   # a run's own reports
     if cli.table:
         print(table := seed_table(cli.runs))
@@ -398,3 +471,20 @@ if __name__ == "__main__":
         run = load_run(folder, cli.script)
         write_reports(run["args"], run["infer"], run["dataset"], run["modules"], 8 if default else cli.examples,
                       (cli.examples or 8) if cli.saliency or default else 0, cli.gaps, curves=default)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("runs", nargs="+", metavar="RUN", help="run folders (the --save_dir of training runs)")
+    add("--gaps", type=int, default=0, metavar="N", help="the gaps of the first N test examples into gaps.json")
+    add("--examples", type=int, default=0, metavar="N", help="N samples, reconstructions, interpolation steps")
+    add("--saliency", action="store_true", help="saliency.json and .html of the test sentences (text)")
+    add("--curves", action="store_true", help="the training curves of all RUNs in one PNG")
+    add("--table", action="store_true", help="the RUNs' test metrics, mean +- sd over the seeds of a run name")
+    add("--out", help="--curves: the PNG (default RUN/curves.png for one run); --table: also write it here")
+    add("--script", help="the script whose model and inference to use (default: METHOD.py of the run)")
+    try:
+        main(parser.parse_args())
+    except KeyboardInterrupt:
+        common.fail("interrupted (Ctrl-C); the run folders are as they were, but for the reports already written")

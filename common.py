@@ -10,6 +10,8 @@ import fcntl
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
 import time
 
@@ -371,7 +373,7 @@ def chunk_floats(device):
 
 
 @torch.no_grad()
-def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
+def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None, what="evaluation"):
     """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)` (called under
     no_grad; an infer that needs gradients enables them itself). From the same samples z ~ q(z|x), per example:
       nll      -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x)   (Burda et al. 2016; S = iw_samples)
@@ -382,9 +384,10 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
       au       dimensions with Var_x(E_q[z_u]) >= 0.01 (unbiased variance over all examples)
       ppl      exp(total nll / total predicted tokens), tokens include </s> (text only; None for images)
     Batched over examples and samples, in chunks of at most max_floats (default: chunk_floats); one host sync."""
-    was_training = decoder.training
+    was_training, batches = decoder.training, list(batches)
     decoder.eval()
     sums, means, num_examples, num_tokens = 0, [], 0, 0
+    progress = Progress(what, sum(map(len, batches)), " examples")
     for x in batches:
         mean, logvar = (t.detach() for t in infer(x))
         batch, d = mean.shape
@@ -407,6 +410,7 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None):
         sums = sums + torch.stack([nll.sum(), -log_px_z.mean(1).sum(), prior.kl(mean, logvar).sum(), mi.sum()])
         means.append(mean)
         num_examples += batch
+        progress(num_examples)
         if x.dtype == torch.long:
             num_tokens += batch * (x.shape[1] - 1)    # predicted tokens: all but <s>
     decoder.train(was_training)
@@ -448,6 +452,8 @@ MODEL_KEYS = ("dataset", "image_net", "latent_dim", "emb_dim", "hidden_dim", "bi
 # This command's own work: --eval_only never takes it from a checkpoint, --resume may change it (and the device).
 OWN_WORK = ("epochs", "print_every", "iw_samples", "val_iw_samples", "gaps", "plot_posterior", "examples")
 RESUME_MAY_CHANGE = OWN_WORK + ("cuda", "save_dir", "data_dir")
+MAX_EXAMPLES = 100                                 # --examples: each is drawn, and read by a person
+IMAGE_DATASETS, TEXT_ONLY = ("omniglot", "synthetic_images"), ("emb_dim", "bias", "dropout")
 RUN_FLAGS = ("resume", "eval_only", "checkpoint", "cross_method", "from_best")   # about this command: never saved ones
 
 
@@ -466,6 +472,7 @@ def add_shared_args(parser):
     add("--dataset", default="synthetic", choices=sorted(PRESETS), help="data and its preset")
     add("--data_dir", help="folder of the corpus (default data/DATASET)")
     add("--train_size", type=int, default=0, help="use the first N training examples (0: all)")
+    add("--eval_size", type=int, default=0, help="use the first N validation and N test examples (0: all)")
     add("--epochs", type=int, help="at most this many epochs (training also stops after 5 lr decays)")
     add("--batch_size", type=int, help="examples per training step")
     add("--lr", type=float, help="learning rate of the model parameters")
@@ -481,7 +488,7 @@ def add_shared_args(parser):
     add("--warmup", type=float, help="epochs over which the KL weight rises linearly to 1")
     add("--kl_start", type=float, help="KL weight at the first step (1: no annealing)")
     add("--patience", type=int, help="halve the lr after this many epochs without a better validation -ELBO")
-    add("--seed", type=int, default=783435, help="seeds every random draw")
+    add("--seed", type=int, default=783435, help="seeds every random draw (0 to 2^63 - 1)")
     add("--cuda", action="store_true", help="run on the GPU")
     add("--save_dir", help="where model.pt, log.jsonl, metrics.json go (default runs/METHOD-DATASET)")
     add("--eval_only", action="store_true", help="score --checkpoint's best weights into metrics_eval_METHOD_epochN.json")
@@ -492,7 +499,8 @@ def add_shared_args(parser):
     add("--iw_samples", type=int, default=500, help="importance samples for the test NLL")
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
     add("--gaps", type=int, default=0, metavar="N", help="the first N test examples' amortization and approximation gaps")
-    add("--examples", type=int, default=8, metavar="N", help="N samples, reconstructions, interpolation steps (0: none)")
+    add("--examples", type=int, default=8, metavar="N", help=f"N samples, reconstructions, interpolation steps (0: none; "
+        f"at most {MAX_EXAMPLES}); images: drawn within the time training took (python analysis.py RUN draws them all)")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
     add("--plot_posterior", type=int, default=0, metavar="N", help="He et al.'s Fig. 2 (d = 1) every N steps (0: off)")
     return parser
@@ -513,6 +521,10 @@ def parse_args(parser, script):
     for key, value in {**PRESETS[args.dataset], **(MLP_PRESET if args.image_net == "mlp" else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    image = args.dataset in IMAGE_DATASETS
+    if wrong := sorted(given & ({*TEXT_ONLY} if image else {"image_net"})):
+        fail(f"--{wrong[0]} is for {'text' if image else 'images'}, and --dataset {args.dataset} is "
+             f"{'images' if image else 'text'}: drop it")
     for key in ("latent_dim", "emb_dim", "hidden_dim") if args.oracle else ():   # the true generator's sizes
         if key in given and getattr(args, key) != PRESETS["synthetic_oracle"][key]:
             fail(f"--oracle fixes the decoder to the true generator, whose {key} is "
@@ -523,6 +535,8 @@ def parse_args(parser, script):
     check_flags(args)
     args.device = torch.device("cuda" if args.cuda else "cpu")
     claim_save_dir(args)
+    if getattr(sys.modules["__main__"], "__file__", None) == script:    # the script is the program (not imported)
+        sys.excepthook = interrupted(args, sys.excepthook)
     torch.manual_seed(args.seed)
     print(f"{args.method}: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     if args.epochs == 0 and not args.eval_only:
@@ -569,15 +583,20 @@ def check_flags(args):
         (args.dataset == "synthetic_oracle" or not args.oracle, f"--oracle needs data whose generator is known "
          f"(--dataset synthetic_oracle); {args.dataset} has none"),
         (not args.cuda or torch.cuda.is_available(), "--cuda: PyTorch sees no CUDA GPU here; drop --cuda to use the CPU"),
-        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a finite number > 0"),
+        *[(math.isfinite(value), f"--{key} must be a finite number") for key, value in vars(args).items()
+          if isinstance(value, float)],
+        (args.lr > 0, "--lr must be > 0"),
+        (0 <= args.seed < 2 ** 63, "--seed must be in [0, 2^63 - 1]"),
+        (args.examples <= MAX_EXAMPLES, f"--examples must be at most {MAX_EXAMPLES} (each one is drawn and written)"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.emb_dim >= 1 or args.dataset in ("omniglot", "synthetic_images"), "--emb_dim must be >= 1 for text"),
+        (args.emb_dim >= 1 or args.dataset in IMAGE_DATASETS, "--emb_dim must be >= 1 for text"),
         (not (args.gaps and args.latent_dim == 0 and not args.oracle), "--gaps needs a latent (--latent_dim > 0)"),
         (args.latent_dim or args.image_net != "mlp", "--image_net mlp needs a latent (pixels independent given z)"),
         *[(getattr(args, key) >= 1, f"--{key} must be >= 1") for key in ("batch_size", "hidden_dim", "patience",
                                                                          "iw_samples", "val_iw_samples", "print_every")],
         *[(getattr(args, key) >= 0, f"--{key} must be >= 0 (0: {what})") for key, what in (
             ("epochs", "score the initial weights"), ("train_size", "all training examples"), ("clip", "off"),
+            ("eval_size", "all validation and test examples"),
             ("latent_dim", "no latent"), ("warmup", "no annealing"), ("kl_start", "the KL weight starts at 0"),
             ("examples", "none"), ("plot_posterior", "off"), ("gaps", "off"))]]:
         if not ok:
@@ -648,27 +667,53 @@ def schedule(state, val_loss, optimizers, patience):
 
 
 def diverged(args, what, value, epoch):             # nothing of the epoch is saved: model.pt holds the last good one
+    own = "".join(f" or --{key}" for key in vars(args) if key.endswith("_lr"))   # a method's own step size (--svi_lr)
     fail(f"{what} became {value} in epoch {epoch}; " + (f"{args.save_dir}/model.pt holds epoch {epoch - 1}: continue "
-         f"from the best weights with a lower lr: --resume --from_best --lr LOWER" if epoch > 1 else
-         "no checkpoint was written: start again with a lower --lr (or --clip)"))
+         f"from the best weights with a lower lr: --resume --from_best --lr LOWER" + (f" (or start again with a lower "
+         f"{own[4:]})" if own else "") if epoch > 1 else
+         f"no checkpoint was written: start again with a lower --lr{own} (or --clip)"))
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """progress(done) prints 'WHAT done/total UNIT, T left' every `every` seconds (a phase that ends sooner
+    prints nothing); left(done) is the time still to go at the rate so far."""
+
+    def __init__(self, what, total, unit="", every=10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.start = self.shown = time.time()
+
+    def left(self, done):
+        return (time.time() - self.start) * (self.total - done) / max(done, 1)
+
+    def __call__(self, done, extra=""):
+        if time.time() - self.shown >= self.every and done > 0:
+            self.shown = time.time()
+            print(f"{self.what} {done}/{self.total}{self.unit}{extra}, {duration(self.left(done))} left", flush=True)
 
 
 class Meter:
     """An epoch's training quantities, meter.add(kl_weight, neg_elbo=..., ...) with [batch] tensors: summed on the
-    device (no host sync per step), printed every --print_every steps (neg_X as -X), logged as means ("train")."""
+    device (no host sync per step), printed (neg_X as -X) every --print_every of the epoch's `steps` steps and at
+    least every minute, with the time left; logged as means ("train")."""
 
-    def __init__(self, args, epoch):               # end: the last step's time (train_seconds excludes validation)
+    def __init__(self, args, epoch, steps):          # end: the last step's time (train_seconds excludes validation)
         self.args, self.epoch, self.start, self.end = args, epoch, time.time(), time.time()
         self.names, self.sums, self.examples, self.steps = [], 0, 0, 0
+        self.progress = Progress(f"epoch {epoch} step", steps, every=60)
 
     def add(self, kl_weight, **per_example):
         self.names, self.sums = list(per_example), self.sums + torch.stack([v.detach().sum() for v in per_example.values()])
         self.examples += len(next(iter(per_example.values())))
         self.steps, self.end = self.steps + 1, time.time()
-        if self.steps % self.args.print_every == 0:
+        if self.steps % self.args.print_every == 0 or time.time() - self.progress.shown >= 60:
             shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in self.result().items())
-            print(f"epoch {self.epoch} step {self.steps}: {shown} kl_weight {kl_weight:.3f} "
-                  f"{self.examples / (time.time() - self.start):.0f} examples/s", flush=True)
+            self.progress.shown = 0                # print now
+            self.progress(self.steps, f": {shown} kl_weight {kl_weight:.3f} "
+                          f"{self.examples / (time.time() - self.start):.0f} examples/s")
 
     def result(self):
         """{name: mean per example}; a value that is not finite stops the run (diverged)."""
@@ -771,8 +816,9 @@ def final_test(args, state, infer, dataset, modules):
         if "best_modules" in state:                # training ran: test the best weights
             module.load_state_dict(state["best_modules"][name])
         module.eval()
+    print(f"test: {dataset.size('test')} examples, {args.iw_samples} importance samples each", flush=True)
     test = evaluate(infer, modules["decoder"], modules["prior"], dataset.batches("test", args.batch_size),
-                    args.iw_samples)
+                    args.iw_samples, what="test")
     metrics, stem = {"method": args.method, "dataset": args.dataset, **test, "train_seconds": state["train_seconds"]}, "metrics"
     if args.eval_only:                             # extra keys: which weights these are
         metrics.update(checkpoint=args.checkpoint, checkpoint_epoch=state["epoch"], trained_by=state["trained_by"])
@@ -783,15 +829,31 @@ def final_test(args, state, infer, dataset, modules):
     return metrics
 
 
+def interrupted(args, default):
+    """The sys.excepthook of a method script run as the program: Ctrl-C ends it with one line that says what is saved."""
+    def hook(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            return default(kind, value, traceback)
+        model, metrics = os.path.join(args.save_dir, "model.pt"), os.path.join(args.save_dir, "metrics.json")
+        print("\nerror: interrupted (Ctrl-C); " + (
+            "nothing was written" if args.eval_only else f"{metrics} is written: python analysis.py {args.save_dir} "
+            f"makes the reports" if os.path.exists(metrics) else f"{model} holds the last finished epoch: continue with "
+            f"python {args.method}.py --resume --save_dir {args.save_dir}" if os.path.exists(model) else
+            "no epoch had finished, so nothing was saved"), file=sys.stderr, flush=True)
+    return hook
+
+
 def save_checkpoint(path, payload):
     """To a temporary file (the lock makes its name this run's), then renamed; a failed write leaves model.pt as it was."""
     try:
         torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:           # torch reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as e:           # torch reports a full disk as a RuntimeError of its own
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < 2 ** 24       # before the partial file goes
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        fail(f"cannot write the checkpoint {path} ({(str(e).strip().splitlines() or [type(e).__name__])[0]}); "
+        why = "no space left on device" if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"cannot write the checkpoint {path} ({why}); "
              f"model.pt keeps the last epoch it held: free space, then continue with --resume")
 
 

@@ -14,7 +14,9 @@ import importlib.util
 import math
 import os
 import shutil
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import torch
@@ -37,6 +39,12 @@ SOURCES = {
     "omniglot": "Burda et al.'s 28x28 Omniglot, chardata.mat (yburda/iwae, datasets/OMNIGLOT), "
                 "or a .pt file holding {'train': [N, 28, 28], 'test': [M, 28, 28]} grey levels in [0, 1]",
 }
+
+
+def first(args, split, rows):
+    """The first --train_size training or --eval_size validation / test rows of a split (0: all)."""
+    n = args.train_size if split == "train" else getattr(args, "eval_size", 0)     # (a caller's own args may lack it)
+    return rows[:n] if n else rows
 
 
 class TextData:
@@ -103,6 +111,8 @@ def read_sentences(path):
     bytes that are not UTF-8 are read as U+FFFD, with a warning that counts them."""
     with open(path, "rb") as f:
         raw = f.read()
+    if b"\0" in raw:                                 # UTF-8 text holds no NUL byte; UTF-16 text has one in every ASCII letter
+        fail(f"{path} is not UTF-8 text: it holds NUL bytes (UTF-16, or not text); save it as UTF-8, one sentence per line")
     if undecodable := raw.decode("utf-8", errors="replace").count("\ufffd") - raw.count("\ufffd".encode()):
         print(f"warning: {path}: {undecodable} undecodable byte sequences (not UTF-8) read as U+FFFD", flush=True)
     sentences, blank = [], 0
@@ -132,15 +142,17 @@ def load_text(args):
     for split in SPLIT_NAMES:
         path = find_split_file(args.data_dir, args.dataset, split)
         words[split], blank = read_sentences(path)
-        in_file = len(words[split])
-        if split == "train" and args.train_size:
-            words["train"] = words["train"][:args.train_size]
+        in_file, words[split] = len(words[split]), first(args, split, words[split])
         used = f"{len(words[split])} of {in_file}" if len(words[split]) < in_file else f"{in_file}"
         lines.append(f"{split} {used} sentences from {path}" + (f" ({blank} blank lines skipped)" if blank else ""))
     vocab = build_vocab(words["train"])
     index = {w: i for i, w in enumerate(vocab)} | {w: UNK for w in UNK_WORDS | MARKERS}
     print("data: " + "; ".join(lines) + f"; vocabulary {len(vocab)}", flush=True)
     encoded = {split: [[BOS] + [index.get(w, UNK) for w in s] + [EOS] for s in words[split]] for split in words}
+    for split in ("valid", "test"):
+        if (unknown := sum(t == UNK for s in encoded[split] for t in s[1:-1]) / sum(len(s) - 2 for s in encoded[split])) > 0.5:
+            print(f"warning: {unknown:.0%} of the {split} words are not in the training vocabulary (<unk>): are the "
+                  f"three files of one corpus?", flush=True)
     return TextData(encoded, vocab, args.seed, args.device)
 
 
@@ -177,10 +189,9 @@ def synthetic_sentences(seed=20190506, count=20000, length=10, words=1000):
 def load_synthetic(args):
     sentences, _ = synthetic_sentences()
     splits = {"train": sentences[:16000], "valid": sentences[16000:18000], "test": sentences[18000:]}
-    if args.train_size:
-        splits["train"] = splits["train"][:args.train_size]
+    splits = {split: first(args, split, rows) for split, rows in splits.items()}
     vocab = SPECIALS + [f"w{i}" for i in range(1000)]
-    print(f"data: He et al. synthetic, {len(splits['train'])}/2000/2000 sentences of 10 words, "
+    print(f"data: He et al. synthetic, {'/'.join(str(len(rows)) for rows in splits.values())} sentences of 10 words, "
           f"vocabulary {len(vocab)}", flush=True)
     return TextData(splits, vocab, args.seed, args.device)
 
@@ -252,9 +263,14 @@ def load_omniglot(args, valid_count=1345):
         splits = read_omniglot_mat(mat)
     elif os.path.isfile(pt):
         try:
-            splits = {k: torch.as_tensor(v, dtype=torch.float32).view(-1, 28, 28) for k, v in torch.load(pt).items()}
-        except Exception as e:  # noqa: BLE001
+            splits = {k: torch.as_tensor(v, dtype=torch.float32).view(-1, 28, 28) for k, v in torch.load(pt).items()
+                      if k in ("train", "valid", "test")}
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
             fail(f"cannot read {pt} ({type(e).__name__}); expected {SOURCES['omniglot']}")
+        if {"train", "test"} - splits.keys() or any(not (t.numel() and 0 <= t.min() and t.max() <= 1) for t in splits.values()):
+            held = ", ".join(f"'{k}' {list(t.shape)} in [{t.min():g}, {t.max():g}]" if t.numel() else f"'{k}' empty"
+                             for k, t in splits.items())
+            fail(f"{pt} holds {held or 'neither'}: it needs 'train' and 'test' images [N, 28, 28], grey levels in [0, 1]")
     else:
         not_found(f"no Omniglot file: expected {mat} (or {pt})", "omniglot", args.data_dir)
     if "valid" not in splits:
@@ -275,8 +291,7 @@ def synthetic_images(seed=20160205, count=1200):
 
 
 def image_data(args, splits, name):
-    if args.train_size:
-        splits["train"] = splits["train"][:args.train_size]
+    splits = {split: first(args, split, images) for split, images in splits.items()}
     print(f"data: {name}, {len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])} images", flush=True)
     return ImageData({k: v.unsqueeze(1) for k, v in splits.items()}, args.seed, args.device)
 
@@ -336,8 +351,7 @@ def oracle_sentences(seed=20180710):
 
 def load_synthetic_oracle(args):
     gen, splits = oracle_sentences()
-    if args.train_size:
-        splits["train"] = tuple(t[:args.train_size] for t in splits["train"])
+    splits = {split: tuple(first(args, split, t) for t in pair) for split, pair in splits.items()}
     vocab = SPECIALS + [f"w{i}" for i in range(ORACLE_WORDS)]
     sizes = "/".join(str(len(splits[s][0])) for s in ORACLE_SPLITS)
     print(f"data: Kim et al. synthetic (oracle generator, z in R^2), {sizes} sentences of "
@@ -355,6 +369,18 @@ def load_synthetic_oracle(args):
 BUILT_IN_TEXT = {"synthetic": load_synthetic, "synthetic_oracle": load_synthetic_oracle}
 
 
+def writable_folder(folder, flag):
+    """Before any work: FOLDER exists (created if missing) and can be written; else one line. Returns whether it was created."""
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"{flag} {folder} is a file, not a folder" if os.path.isfile(folder) else
+             f"cannot write to {flag} {folder} ({e.strerror or e}); pass a writable folder")
+    return created
+
+
 def export_text(name, folder):
     """Writes FOLDER/{train,valid,test}.txt for a built-in text dataset: one sentence per line, without <s> and </s>
     (every reader adds its own); each to a temporary name, then renamed. Never overwrites a file. Returns the paths."""
@@ -363,8 +389,8 @@ def export_text(name, folder):
     paths = {split: os.path.join(folder, f"{split}.txt") for split in SPLIT_NAMES}
     if existing := [p for p in paths.values() if os.path.exists(p)]:
         fail(f"{existing[0]} already exists; pass an empty --out folder (nothing was written)")
-    dataset = BUILT_IN_TEXT[name](argparse.Namespace(train_size=0, seed=0, device="cpu"))
-    os.makedirs(folder, exist_ok=True)
+    writable_folder(folder, "--out")
+    dataset = BUILT_IN_TEXT[name](argparse.Namespace(train_size=0, eval_size=0, seed=0, device="cpu"))
     for split, path in paths.items():
         # one length per split for the built-in data, so by_length keeps the generated order
         rows = [s for t in dataset.by_length[split].values() for s in t.tolist()]
@@ -478,10 +504,13 @@ def download(name, folder):
     """Fetches dataset NAME into FOLDER (python data.py --download NAME). Files already there are checked and kept;
     the others come from the first source that gives all of them (so they are one copy of the data), each downloaded
     to FILE.part and checked; only then are they renamed to FILE. Fails with one line naming every URL tried."""
-    expect = DOWNLOADS[name]["expect"]
-    mirror = os.environ.get("VI_DATA_MIRROR")
-    sources = ([{"url": f"{mirror.rstrip('/')}/{name}/", "files": {f: (f, None) for f in expect}}] if mirror
-               else DOWNLOADS[name]["sources"])
+    expect, sources = DOWNLOADS[name]["expect"], DOWNLOADS[name]["sources"]
+    if mirror := os.environ.get("VI_DATA_MIRROR"):             # its files are checked as if from the sources
+        if urllib.parse.urlparse(mirror).scheme not in ("http", "https", "ftp", "file"):
+            fail(f"VI_DATA_MIRROR={mirror} is not a URL (e.g. http://host/folder, serving {name}/FILE); unset it to "
+                 f"download from the public sources")
+        known = {t: next((s["files"][t][1] for s in sources if s["files"][t][1]), None) for t in expect}
+        sources = [{"url": f"{mirror.rstrip('/')}/{name}/", "files": {t: (t, known[t]) for t in expect}}]
     if any(isinstance(e, tuple) for e in expect.values()) and importlib.util.find_spec("scipy") is None:
         fail(f"checking {name}'s chardata.mat needs scipy (pip install scipy); nothing was downloaded")
     for target, count in expect.items():
@@ -492,8 +521,7 @@ def download(name, folder):
     if not missing:
         print(f"{name}: {', '.join(expect)} already in {folder} and as expected; nothing to do", flush=True)
         return
-    created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
+    created = writable_folder(folder, "--data_dir")
     parts, tried = {target: os.path.join(folder, target + ".part") for target in missing}, []
     for source in sources:
         for target, part in parts.items():
@@ -510,10 +538,33 @@ def download(name, folder):
             os.remove(part)
     if created and not os.listdir(folder):
         os.rmdir(folder)                            # leave no empty data/NAME that looks like a dataset
-    by_hand = ", ".join(f"{sources[0]['url'] + sources[0]['files'][t][0]} as {os.path.join(folder, t)}"
-                        for t in missing)
+    public = DOWNLOADS[name]["sources"][0]                     # not the mirror: where the files really are
+    by_hand = ", ".join(f"{public['url'] + public['files'][t][0]} as {os.path.join(folder, t)}" for t in missing)
     fail(f"could not download {name}: tried {'; '.join(tried)}. By hand: save {by_hand}, then run "
          f"{download_command(name, folder)} again to check them")
+
+
+def main(cli):
+    if cli.export:
+        if not cli.out or cli.data_dir:
+            fail("--export needs --out DIR, the folder to write into (not --data_dir)")
+        return export_text(cli.export, cli.out)
+    if cli.out:
+        fail("--download writes into --data_dir DIR (default data/NAME), not --out")
+    if cli.data_dir and cli.download == "all":
+        fail("--data_dir takes one dataset; --download all writes data/NAME for each")
+    names, failed = list(DOWNLOADS) if cli.download == "all" else [cli.download], []
+    for name in names:                         # with all: each dataset is tried, and says what happened to it
+        try:
+            download(name, cli.data_dir or os.path.join("data", name))
+        except SystemExit as e:
+            if len(names) == 1:
+                raise
+            print(f"{name}: {e}", flush=True)
+            failed.append(name)
+    if failed:
+        fail(f"could not download {', '.join(failed)} (each one's reason is above)" + (
+            f"; {', '.join(n for n in names if n not in failed)} in place" if len(failed) < len(names) else ""))
 
 
 if __name__ == "__main__":
@@ -523,18 +574,10 @@ if __name__ == "__main__":
     mode.add_argument("--export", choices=sorted(BUILT_IN_TEXT), help="the built-in dataset to write (with --out)")
     mode.add_argument("--download", choices=[*DOWNLOADS, "all"],
                       help="the dataset to fetch into data/NAME (files already there are checked, not fetched "
-                           "again); VI_DATA_MIRROR=URL fetches URL/NAME/FILE instead, checked by content only")
+                           "again); VI_DATA_MIRROR=URL fetches URL/NAME/FILE instead, with the same checks")
     parser.add_argument("--out", help="--export: the folder to write into (created if missing)")
     parser.add_argument("--data_dir", help="--download: the folder to write into (default data/NAME; one NAME only)")
-    cli = parser.parse_args()
-    if cli.export:
-        if not cli.out or cli.data_dir:
-            fail("--export needs --out DIR, the folder to write into (not --data_dir)")
-        export_text(cli.export, cli.out)
-    else:
-        if cli.out:
-            fail("--download writes into --data_dir DIR (default data/NAME), not --out")
-        if cli.data_dir and cli.download == "all":
-            fail("--data_dir takes one dataset; --download all writes data/NAME for each")
-        for name in DOWNLOADS if cli.download == "all" else [cli.download]:
-            download(name, cli.data_dir or os.path.join("data", name))
+    try:
+        main(parser.parse_args())
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C); a download starts again from the beginning, an export needs an empty --out")

@@ -69,7 +69,7 @@ def train_step(x, kl_weight):
 state = common.start(args, dataset, modules, optimizers)
 for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
-    meter = common.Meter(args, epoch)
+    meter = common.Meter(args, epoch, dataset.steps_per_epoch(args.batch_size))
     for x in dataset.batches("train", args.batch_size, shuffle=True):
         analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))

@@ -89,7 +89,7 @@ state.setdefault("aggressive", bool(args.aggressive))    # kept in the checkpoin
 state.setdefault("previous_mi", -math.inf)               # continues in the same mode
 for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
-    meter = common.Meter(args, epoch)
+    meter = common.Meter(args, epoch, dataset.steps_per_epoch(args.batch_size))
     aggressive, inner_steps = state["aggressive"], 0
     pool = dataset.batches("train", args.batch_size) if aggressive else None      # inner minibatches
     for x in dataset.batches("train", args.batch_size, shuffle=True):

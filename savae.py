@@ -40,8 +40,8 @@ method.add_argument("--hvp", default="central", choices=["central", "exact"],
                          "to each sentence's vector (any LSTM, cuDNN included; error about 1e-4 in float32) or "
                          "exact double backward (cuDNN's LSTM has none: switched off for these products)")
 args = common.parse_args(parser, __file__)
-if args.latent_dim < 1 or args.svi_steps < 0:
-    common.fail("savae.py needs --latent_dim >= 1 and --svi_steps >= 0")
+if args.latent_dim < 1 or args.svi_steps < 0 or args.svi_lr <= 0 or args.svi_clip < 0 or not 0 <= args.momentum < 1:
+    common.fail("savae.py needs --latent_dim >= 1, --svi_steps >= 0, --svi_lr > 0, --svi_clip >= 0, 0 <= --momentum < 1")
 
 dataset = data.load(args)
 encoder, decoder, prior = common.build_model(args, dataset)
@@ -169,7 +169,7 @@ def train_step(x, kl_weight):
 state = common.start(args, dataset, modules, optimizers)
 for epoch in common.epochs(args, state):
     encoder.train(), decoder.train()
-    meter = common.Meter(args, epoch)
+    meter = common.Meter(args, epoch, dataset.steps_per_epoch(args.batch_size))
     for x in dataset.batches("train", args.batch_size, shuffle=True):
         analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))

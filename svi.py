@@ -28,8 +28,8 @@ method.add_argument("--momentum", type=float, default=0.5, help="momentum of the
 method.add_argument("--svi_clip", type=float, default=5.0,
                     help="clip each sentence's mean and logvar gradients (separately) to this norm (0: off)")
 args = common.parse_args(parser, __file__)
-if args.latent_dim < 1 or args.svi_steps < 0:
-    common.fail("svi.py needs --latent_dim >= 1 and --svi_steps >= 0")
+if args.latent_dim < 1 or args.svi_steps < 0 or args.svi_lr <= 0 or args.svi_clip < 0 or not 0 <= args.momentum < 1:
+    common.fail("svi.py needs --latent_dim >= 1, --svi_steps >= 0, --svi_lr > 0, --svi_clip >= 0, 0 <= --momentum < 1")
 if args.oracle and args.epochs and not args.eval_only:
     common.fail("svi.py learns only the decoder, which --oracle fixes to the true generator: nothing to train; "
                 "add --epochs 0 to score SVI's inference with the true generator")
@@ -82,7 +82,7 @@ def train_step(x, kl_weight):
 state = common.start(args, dataset, modules, optimizers)
 for epoch in common.epochs(args, state):
     decoder.train()
-    meter = common.Meter(args, epoch)
+    meter = common.Meter(args, epoch, dataset.steps_per_epoch(args.batch_size))
     for x in dataset.batches("train", args.batch_size, shuffle=True):
         analysis.plot_posterior(args, state["step"], infer, decoder, prior, dataset)
         kl_weight = common.kl_weight(args, state["step"], dataset.steps_per_epoch(args.batch_size))

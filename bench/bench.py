@@ -155,11 +155,18 @@ def main():
     parser.add_argument("--root", default=ROOT, help="the checkout whose scripts are measured")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
-    if args.cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --cuda was given but PyTorch sees no CUDA GPU here; drop --cuda")
     methods = args.methods.split(",")
-    if not set(methods) <= set(METHODS):
-        raise SystemExit(f"error: --methods takes some of {','.join(METHODS)}")
+    for ok, message in [   # one line each, before any measurement
+        (not args.cuda or torch.cuda.is_available(), "--cuda was given but PyTorch sees no CUDA GPU here; drop --cuda"),
+        (set(methods) <= set(METHODS), f"--methods takes some of {','.join(METHODS)}"),
+        (0 < args.budget < 3600 and args.iw_samples >= 1 and args.svi_steps >= 0 and args.inner_steps >= 1,
+         "--budget must be in (0, 3600) s, --iw_samples >= 1, --svi_steps >= 0 and --inner_steps >= 1"),
+        (all(os.path.isfile(os.path.join(args.root, f"{m}.py")) for m in methods),
+         f"--root {args.root} is not a checkout of these scripts (no {', '.join(m + '.py' for m in methods)})"),
+        (not args.json or os.path.isdir(os.path.dirname(args.json) or ".") and not os.path.exists(args.json),
+         f"--json {args.json}: its folder must exist and the file must not (nothing is overwritten)")]:
+        if not ok:
+            raise SystemExit(f"error: {message}")
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     sizes = [args.size] if args.size != "default" else ["synthetic", "yahoo" if args.cuda else "cpu"]

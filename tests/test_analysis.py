@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -154,11 +155,11 @@ def test_seed_table_means_and_standard_deviations(tmp_path):
         write_run(tmp_path / f"lagging-seed{seed}", "lagging", nll, kl)
     write_run(tmp_path / "vae_seed1", "vae", 45.0, 0.0)
     table = analysis.seed_table(sorted(str(p) for p in tmp_path.iterdir())).splitlines()
-    assert table[0].startswith("| run | dataset | runs | nll | neg_elbo")
+    assert table[0].startswith("| run | method | dataset | runs | nll | neg_elbo")
     lagging = next(line for line in table if line.startswith("| lagging |"))
     assert "| 3 | 42.00 +- 2.00 | 43.00 +- 2.00 |" in lagging           # sd over runs with n - 1: 2.00
     assert "| 3.00 +- 2.65 |" in lagging                                # kl 1, 2, 6: sd sqrt(7) = 2.65
-    assert next(line for line in table if line.startswith("| vae |")).startswith("| vae | synthetic | 1 | 45.00 |")
+    assert next(line for line in table if line.startswith("| vae |")).startswith("| vae | vae | synthetic | 1 | 45.00 |")
 
 
 def test_curves_png_and_clear_errors(tmp_path):
@@ -274,3 +275,91 @@ def test_image_runs_leave_png_grids(tmp_path):
     assert sizes["samples"] == (3 * 30 + 2, 32)                          # 3 images, one row (width, height)
     assert sizes["reconstructions"] == (3 * 30 + 2, 2 * 30 + 2)          # test images over reconstructions
     assert sizes["interpolation"] == (5 * 30 + 2, 32)                    # two ends and 3 steps
+
+
+def test_tables_and_curves_of_malformed_or_mixed_runs_get_one_line(tmp_path, capsys, monkeypatch):
+    """--table averaged runs of different methods named alike into one row, and crashed on a metrics.json that was
+    [] or lacked "dataset"; --curves crashed on a log line that was 5, and dropped a mistyped folder silently."""
+    write_run(tmp_path / "a" / "vae-seed1", "vae", 40.0, 1.0)
+    write_run(tmp_path / "b" / "vae-seed2", "lagging", 50.0, 1.0)
+    table = analysis.seed_table([str(tmp_path / "a" / "vae-seed1"), str(tmp_path / "b" / "vae-seed2")]).splitlines()
+    assert "warning: runs named vae are of different methods or datasets: a row for each" in capsys.readouterr().out
+    assert [line.split(" | ")[1:3] for line in table[2:]] == [["vae", "synthetic"], ["lagging", "synthetic"]]
+    for content in ("[]", '{"method": "vae", "nll": 1}', '{"method": "vae", "dataset": "x", "nll": "a"}'):
+        (tmp_path / "a" / "vae-seed1" / "metrics.json").write_text(content)
+        with pytest.raises(SystemExit, match=r"metrics\.json is not the metrics\.json of a run"):
+            analysis.seed_table([str(tmp_path / "a" / "vae-seed1")])
+    (tmp_path / "a" / "vae-seed1" / "log.jsonl").write_text('5\n{"lr": 1}\n[1]\n{"epoch": 1, "train": 3, "val": {"nll": "x"}}\n')
+    assert len(analysis.read_log(tmp_path / "a" / "vae-seed1")) == 1
+    assert "3 lines are not epoch records (skipped)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no log\.jsonl with epochs in .*/nowhere; pass run folders"):
+        analysis.draw_curves([str(tmp_path / "b" / "vae-seed2"), str(tmp_path / "nowhere")], str(tmp_path / "c.png"))
+    drawn = []
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda fig, path, **k: drawn.append(fig))
+    analysis.draw_curves([str(tmp_path / "b" / "vae-seed2")], str(tmp_path / "c.png"))
+    fig = drawn[0]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert "KL weight" not in titles and "KL weight 1" in fig._suptitle.get_text()      # constant: named, not drawn
+    colours = [line.get_color() for line in fig.axes[0].get_lines()]
+    assert titles[0].startswith("-ELBO") and len(set(colours)) == len(colours) == 3       # -ELBO and NLL apart
+    cli = dict(gaps=0, examples=0, saliency=False, table=False, curves=True, script=None, runs=[str(tmp_path / "b" / "vae-seed2")])
+    for out, fragment in ((str(tmp_path / "none" / "c.png"), "in a folder that exists"), (str(tmp_path / "c.xyz"), ".png, .pdf")):
+        with pytest.raises(SystemExit, match=fragment):
+            analysis.main(types.SimpleNamespace(**cli, out=out))
+    with pytest.raises(SystemExit, match=r"--examples in \[0, 100\]"):
+        analysis.main(types.SimpleNamespace(**dict(cli, examples=10 ** 9), out=None))
+
+
+class SlowDecoder:
+    """Draws blank images, 0.05 s each, and ignores z."""
+
+    def sample(self, z, generator=None):
+        time.sleep(0.05 * len(z))
+        return torch.zeros(len(z), 1, 28, 28)
+
+
+def test_image_examples_stop_before_they_cost_more_than_training_and_without_a_latent_are_samples(capsys):
+    """24 PixelCNN images took 18 minutes after a 6-minute training, printing nothing; a run without a latent wrote
+    no samples and said nothing."""
+    images = data.synthetic_images(count=40)
+    dataset = data.ImageData({"train": images[:20], "valid": images[20:30], "test": images[30:]}, seed=0)
+
+    def infer(d):
+        return lambda x: (torch.zeros(len(x), d), torch.zeros(len(x), d))
+    grids = analysis.image_examples(infer(2), SlowDecoder(), common.StandardNormal(2), dataset, 0, 4, budget=0.3,
+                                    again="python analysis.py R")
+    assert grids == {}                           # 12 images (0.6 s) would pass the 0.3 s budget: one drawn, then a stop
+    assert "drew 1 of 12 images: more would take longer than training did (0 s); python analysis.py R --examples 4" \
+        in capsys.readouterr().out
+    assert set(analysis.image_examples(infer(2), SlowDecoder(), common.StandardNormal(2), dataset, 0, 4, budget=5)) == \
+        {"samples", "reconstructions", "interpolation"}
+    assert [len(r) for r in analysis.image_examples(infer(0), SlowDecoder(), common.StandardNormal(0), dataset, 0, 4)
+            ["samples"]] == [4]
+    vocab = data.SPECIALS + ["a", "b"]
+    text = data.TextData({split: [[0, 3, 4, 1]] * 3 for split in ("train", "valid", "test")}, vocab, 0)
+    lines = analysis.text_examples(infer(0), common.LSTMDecoder(5, 4, 4, 0), common.StandardNormal(0), text, 0, 3)
+    assert lines[0] == "# sentences sampled from the model (no latent: nothing to reconstruct or interpolate)"
+    assert len(lines) == 4 and not any("p(z)" in line for line in lines)
+
+
+def test_saliency_chunks_prefixes_to_bound_memory_and_uses_one_scale_a_page(monkeypatch, capsys):
+    """Three 1,500-token test lines asked for 13 GB: the prefixes now go in chunks (the same values), sentences
+    over 100 words are left out, and one scale serves the page (a collapsed model was full red in every row)."""
+    torch.manual_seed(0)
+    encoder, decoder = common.LSTMEncoder(20, 6, 8, 3), common.LSTMDecoder(20, 6, 8, 3).eval()
+    x = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(3, 20, (3, 12))], 1)
+    whole = analysis.saliency(encoder, encoder, decoder, x)
+    monkeypatch.setattr(common, "chunk_floats", lambda device: 3 * decoder.cost_per_sample(x))  # about two prefixes
+    calls = []
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, grad=torch.autograd.grad, **k: calls.append(1) or grad(*a, **k))
+    chunked = analysis.saliency(encoder, encoder, decoder, x)
+    assert len(calls) >= 5 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
+    vocab = data.SPECIALS + [f"w{i}" for i in range(17)]
+    long = data.TextData({"train": x.tolist(), "valid": x.tolist(), "test": [[0] + [5] * 150 + [1]] * 3}, vocab, 0)
+    assert analysis.saliency_report(encoder, encoder, decoder, long) == (None, None)
+    assert "every test sentence is longer than 100 words" in capsys.readouterr().out
+    short = data.TextData({"train": x.tolist(), "valid": x.tolist(), "test": x.tolist()}, vocab, 0)
+    report, page = analysis.saliency_report(encoder, encoder, decoder, short)
+    assert report["scale"]["output"] == max(max(r["output"]) for r in report["sentences"]) > 0
+    assert "barely uses z" in page                 # 8-unit networks at their initial weights: gradients below 0.01
+    assert f"full red is {report['scale']['output']:.3g} (output)" in capsys.readouterr().out

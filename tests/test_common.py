@@ -2,6 +2,8 @@
 log p(x), MI and AU on constructed encoders, the networks' structure (the PixelCNN is autoregressive), the model
 interface check, and the paths chosen for the device (svi_mode, evaluation chunks)."""
 import math
+import re
+import types
 
 import pytest
 import torch
@@ -299,3 +301,16 @@ def test_a_changed_model_missing_a_method_fails_at_once_naming_it():
     with pytest.raises(SystemExit, match="no 'prior'"):
         common.check_model({"decoder": common.MLPDecoder(2)})
     common.check_model({"decoder": common.MLPDecoder(2), "prior": common.StandardNormal(2)})   # complete: passes
+
+
+def test_long_phases_print_where_they_are_and_the_time_left(capsys):
+    """The progress lines showed a rate, but no step count per epoch and no time left; a long test printed nothing."""
+    progress = common.Progress("test", 40, " examples", every=0)
+    progress(10)
+    assert re.fullmatch(r"test 10/40 examples, \d+ s left\n", capsys.readouterr().out)
+    meter = common.Meter(types.SimpleNamespace(print_every=2, save_dir="x"), 1, 3)
+    for _ in range(3):
+        meter.add(1.0, neg_elbo=torch.ones(4), kl=torch.zeros(4))
+    assert re.fullmatch(r"epoch 1 step 2/3: -elbo 1\.000 kl 0\.000 kl_weight 1\.000 \d+ examples/s, \d+ s left\n",
+                        capsys.readouterr().out)
+    assert common.duration(30) == "30 s" and common.duration(600) == "10 min" and common.duration(9000) == "2.5 h"

@@ -61,6 +61,12 @@ def server():
     httpd.server_close()
 
 
+def no_checksums(monkeypatch, name):
+    """The stand-ins are not the real files: a mirror's files are checked against the real sources' checksums."""
+    expect = data.DOWNLOADS[name]["expect"]
+    monkeypatch.setitem(data.DOWNLOADS[name], "sources", [{"url": "https://example.org/", "files": {t: (t, None) for t in expect}}])
+
+
 def serve_text(server, prefix, counts=TEXT):
     for name, count in counts.items():
         server.files[f"{prefix}/{name}"] = lines(count, name.split(".")[0])
@@ -71,6 +77,7 @@ def test_download_puts_files_where_the_loaders_read_them_and_a_second_run_does_n
     monkeypatch.setitem(data.DOWNLOADS["ptb"], "expect", dict(TEXT))
     monkeypatch.setitem(data.DOWNLOADS["omniglot"], "expect", {"chardata.mat": (5, 2)})
     monkeypatch.setenv("VI_DATA_MIRROR", server.url + "/mirror/")
+    no_checksums(monkeypatch, "ptb"), no_checksums(monkeypatch, "omniglot")
     serve_text(server, "/mirror/ptb")
     server.files["/mirror/omniglot/chardata.mat"] = fake_mat()
     ptb, omniglot = tmp_path / "ptb", tmp_path / "omniglot"
@@ -130,6 +137,7 @@ def test_sources_are_tried_in_order_and_checksums_are_checked(server, tmp_path, 
 def test_a_part_file_left_by_an_interrupted_run_is_fetched_again_from_the_start(server, tmp_path, monkeypatch):
     monkeypatch.setitem(data.DOWNLOADS["ptb"], "expect", dict(TEXT))
     monkeypatch.setenv("VI_DATA_MIRROR", server.url)
+    no_checksums(monkeypatch, "ptb")
     serve_text(server, "/ptb")
     folder = tmp_path / "ptb"
     folder.mkdir()
@@ -170,7 +178,8 @@ def test_cli_failures_are_one_line_naming_the_url_and_leave_no_final_file(server
         assert "Traceback" not in out + err, (case, err)
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: could not download ptb: tried "), err
         assert re.search(expected[case], err), (case, err)
-        assert f"By hand: save {cases[case]}/ptb/train.txt as {tmp_path / case / 'train.txt'}" in err, err
+        public = data.DOWNLOADS["ptb"]["sources"][0]["url"]                 # where the files are, not the mirror
+        assert f"By hand: save {public}ptb.train.txt as {tmp_path / case / 'train.txt'}" in err, err
         assert not (tmp_path / case).exists(), case                    # no file, no .part, no empty folder
 
 
@@ -182,3 +191,41 @@ def test_helpers_name_the_command_and_count_right(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"one\ntwo")                                  # no newline at the end
     assert data.content_problem(str(tmp_path / "b.txt"), 2) is None
     assert data.content_problem(str(tmp_path / "b.txt"), 3) == "it has 2 lines, not 3"
+
+
+def test_a_mirror_is_checked_as_the_sources_are_and_all_tries_every_dataset(server, tmp_path, monkeypatch, capsys):
+    """A mirror's files were checked by line count only (one byte changed: accepted as verified); a mirror that is
+    not a URL gave "unknown url type"; --download all stopped at the first dataset that failed."""
+    monkeypatch.setitem(data.DOWNLOADS["ptb"], "expect", dict(TEXT))
+    monkeypatch.setitem(data.DOWNLOADS["yelp"], "expect", dict(TEXT))
+    right = {name: lines(count, name) for name, count in TEXT.items()}
+    sha = {name: "sha256:" + hashlib.sha256(body).hexdigest() for name, body in right.items()}
+    monkeypatch.setitem(data.DOWNLOADS["ptb"], "sources", [{"url": "https://example.org/ptb/",
+                                                            "files": {n: (f"ptb.{n}", sha[n]) for n in TEXT}}])
+    changed = dict(right, **{"valid.txt": right["valid.txt"].replace(b"sentence", b"Sentence", 1)})  # same lines
+    server.files.update({f"/m/ptb/{name}": body for name, body in changed.items()})
+    monkeypatch.setenv("VI_DATA_MIRROR", server.url + "/m")
+    with pytest.raises(SystemExit, match=r"/m/ptb/valid\.txt \(wrong content: its sha256 checksum is .*By hand: save "
+                                         r"https://example\.org/ptb/ptb\.train\.txt as"):
+        data.download("ptb", str(tmp_path / "ptb"))
+    assert not (tmp_path / "ptb").exists()                                          # no .part left, no folder
+    server.files["/m/ptb/valid.txt"] = right["valid.txt"]
+    no_checksums(monkeypatch, "yelp")
+    server.files.update({f"/m/yelp/{name}": body for name, body in right.items()})
+    monkeypatch.chdir(tmp_path)                                                     # --download all: data/NAME here
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        data.main(types.SimpleNamespace(export=None, out=None, data_dir=None, download="all"))
+    out = capsys.readouterr().out
+    assert str(stop.value) == "error: could not download yahoo, omniglot (each one's reason is above); yelp, ptb in place"
+    for name in ("yahoo", "omniglot"):
+        assert f"{name}: error: could not download {name}: tried {server.url}/m/{name}/" in out
+    assert sorted(os.listdir(tmp_path / "data")) == ["ptb", "yelp"]
+    assert (tmp_path / "data" / "ptb" / "valid.txt").read_bytes() == right["valid.txt"]
+    monkeypatch.setenv("VI_DATA_MIRROR", "notaurl")
+    with pytest.raises(SystemExit, match=r"VI_DATA_MIRROR=notaurl is not a URL"):
+        data.download("ptb", str(tmp_path / "other"))
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("VI_DATA_MIRROR", server.url + "/m")
+    with pytest.raises(SystemExit, match=r"--data_dir .*a_file is a file, not a folder"):
+        data.download("ptb", str(tmp_path / "a_file"))

@@ -10,6 +10,8 @@ import math
 import os
 import runpy
 import shutil
+import signal
+import subprocess
 import sys
 import time
 import types
@@ -19,7 +21,7 @@ import torch
 
 import common
 import data
-from conftest import METRIC_KEYS, ROOT, read_metrics, run_script, start_script
+from conftest import METRIC_KEYS, ROOT, _command, read_metrics, run_script, start_script
 
 CORPUS = {}            # the tiny corpus of the module's runs (written by the fixture)
 
@@ -350,3 +352,96 @@ def test_text_markers_bom_and_undecodable_bytes(tmp_path, capsys):
     index = {w: i for i, w in enumerate(ds.vocab)}
     rows = sorted(r.tolist() for t in ds.by_length["train"].values() for r in t)
     assert [data.BOS, data.UNK, index["the"], index["dog"], data.UNK, data.EOS] in rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Round two: flags that were accepted and ignored or misread, Ctrl-C, a full disk.
+
+def script_refused(monkeypatch, script, *argv):
+    """A script's own flag checks, run in this process up to the line that refuses (before any data is read)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__test__")
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+ROUND_TWO = {      # a90e84f: a traceback (seed, examples: after the test), or trained while ignoring the flag
+    "seed_huge": ("vae.py", ["--seed", "1180591620717411303424"], "--seed must be in [0, 2^63 - 1]"),
+    "seed_negative": ("vae.py", ["--seed", "-1"], "--seed"),
+    "examples_huge": ("vae.py", ["--examples", "1000000000"], "--examples must be at most 100"),
+    "eval_size": ("vae.py", ["--eval_size", "-1"], "--eval_size must be >= 0"),
+    "emb_dim_images": ("vae.py", ["--dataset", "synthetic_images", "--emb_dim", "8"], "--emb_dim is for text"),
+    "bias_images": ("vae.py", ["--dataset", "omniglot", "--bias", "0"], "--bias is for text"),
+    "dropout_images": ("iwae.py", ["--dataset", "synthetic_images", "--dropout", "0.2"], "--dropout is for text"),
+    "image_net_text": ("vae.py", ["--image_net", "mlp"], "--image_net is for images"),
+    "lr_nan": ("vae.py", ["--lr", "nan"], "--lr must be a finite number"),
+    "svi_clip": ("svi.py", ["--svi_clip", "-1"], "--svi_clip >= 0"),
+    "momentum": ("savae.py", ["--momentum", "-3"], "0 <= --momentum < 1"),
+    "svi_lr_nan": ("svi.py", ["--svi_lr", "nan"], "--svi_lr must be a finite number"),
+    "svi_lr_zero": ("savae.py", ["--svi_lr", "0"], "--svi_lr > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TWO))
+def test_flags_that_were_ignored_or_crashed_are_refused_before_any_work(case, tmp_path, monkeypatch):
+    script, flags, fragment = ROUND_TWO[case]
+    assert fragment in script_refused(monkeypatch, script, *flags, "--save_dir", tmp_path / "run")
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_help_shows_the_seed_and_its_default():
+    parser = common.add_shared_args(argparse.ArgumentParser(formatter_class=common.HelpFormatter))
+    assert "seeds every random draw (0 to 2^63 - 1) (default: 783435)" in " ".join(parser.format_help().split())
+
+
+def test_divergence_names_the_methods_own_step_size_too():
+    args = types.SimpleNamespace(save_dir="runs/x", lr=1.0, svi_lr=1e9)
+    for epoch, advice in ((1, "start again with a lower --lr or --svi_lr"), (3, "or start again with a lower --svi_lr")):
+        with pytest.raises(SystemExit) as stop:
+            common.diverged(args, "training -elbo", math.nan, epoch)
+        assert advice in str(stop.value), str(stop.value)
+
+
+def test_ctrl_c_is_one_line_that_says_what_is_saved(runs, tmp_path):
+    """Before: a 20-line KeyboardInterrupt traceback. Now one line; model.pt holds the finished epoch, and
+    --resume continues from it."""
+    folder = tmp_path / "interrupted"
+    argv, how = _command("vae.py", [*tiny(), "--epochs", "100000", "--save_dir", folder])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **how,   # Ctrl-C is not ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (as in a background job)
+    deadline = time.time() + 120
+    while not (folder / "model.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1] == f"error: interrupted (Ctrl-C); {folder / 'model.pt'} holds the last " \
+        f"finished epoch: continue with python vae.py --resume --save_dir {folder}", output
+    assert common.load_checkpoint(str(folder / "model.pt"))["state"]["epoch"] >= 1
+
+
+def test_a_full_disk_is_named_for_the_checkpoint_and_the_reports(tmp_path, monkeypatch):
+    import analysis
+    path = tmp_path / "model.pt"
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: types.SimpleNamespace(total=1, used=1, free=0))
+    with pytest.raises(SystemExit, match=r"cannot write the checkpoint .* \(no space left on device\); .*--resume"):
+        common.save_checkpoint(str(path), {})
+    assert not path.exists() and os.listdir(tmp_path) == []
+    if os.path.exists("/dev/full"):                      # writing there fails as a full disk does
+        with pytest.raises(SystemExit, match=r"^error: cannot write /dev/full \(No space left on device\)"):
+            analysis.write("/dev/full", "x" * 100000)
+    from matplotlib.figure import Figure
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    log = tmp_path / "run"
+    log.mkdir()
+    (log / "log.jsonl").write_text('{"epoch": 1, "lr": 1.0, "train": {"neg_elbo": 3.0}, "val": {"neg_elbo": 2.0}}\n')
+    with pytest.raises(SystemExit, match=r"cannot write .*curves\.png \(No space left on device\)"):
+        analysis.draw_curves([str(log)], str(log / "curves.png"))

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_every_script_runs_on_images(image_runs, script, extra):
     assert metrics["num_examples"] == 100 and metrics["nll"] > 0
 
 
-def test_bench_runs_every_method_at_a_tiny_size(tmp_path):
+def test_bench_runs_every_method_at_a_tiny_size(tmp_path, monkeypatch):
     """bench/bench.py measures every method's training step and both kinds of evaluation through the scripts' own
     code, so that the benchmark cannot go stale unnoticed."""
     out = tmp_path / "bench.json"
@@ -133,6 +134,13 @@ def test_bench_runs_every_method_at_a_tiny_size(tmp_path):
                         ("iwae", "training"), ("vae", "test"), ("svi", "test")}
     assert all(r["examples_per_s"] > 0 and r["calls"] >= 1 and r["seconds"] > 0 for r in rows)
     assert proc.stdout.count("| tiny |") == len(rows)                  # the printed table has every row
+    # bad flags: one line before any measurement (--json in a missing folder measured everything, then crashed)
+    for flags, fragment in ((["--iw_samples", "0"], "--iw_samples >= 1"), (["--root", "/nonexistent"], "not a checkout"),
+                            (["--json", str(tmp_path / "none" / "b.json")], "its folder must exist"),
+                            (["--json", str(out)], "the file must not")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *flags])
+        with pytest.raises(SystemExit, match=fragment):
+            runpy.run_path(os.path.join(ROOT, "bench", "bench.py"), run_name="__main__")
 
 
 # Copying a script is one of the three uses: a copy that changes the model keeps every metric right.
