@@ -99,7 +99,8 @@ def gaps(infer, decoder, prior, batches, count, samples, seed):
             break
         x = x[:count - seen]
         generator = generator or torch.Generator(device=x.device).manual_seed(seed)   # training's stream untouched
-        q_method = [t.detach() for t in infer(x)]
+        q = common.as_q(infer(x))                                   # a Gaussian q: q* is the best Gaussian
+        q_method = [q.mean.detach(), q.logvar.detach()]
         *q_opt, still_falling = optimal_q(decoder, prior, x, *q_method, generator)
         d, elbos = q_method[0].shape[1], []
         eps = torch.randn((x.shape[0], samples, d), generator=generator, device=x.device)
@@ -150,7 +151,7 @@ def plot_posterior(args, step, infer, decoder, prior, dataset, final=False):
             x = x[:500 - len(points["q_mean"])]
             if len(x) == 0:
                 break
-            points["q_mean"] += infer(x)[0][:, 0].tolist()
+            points["q_mean"] += common.as_q(infer(x)).mean[:, 0].tolist()
             points["true_mean"] += true_posterior_mean(decoder, prior, x, torch.arange(-200, 201, device=x.device) / 10).tolist()
     decoder.train(was_training)
     path = os.path.join(args.save_dir, "posterior", "final" if final else f"{step:07d}")
@@ -182,7 +183,7 @@ def text_examples(infer, decoder, prior, dataset, seed, count=8):
     generator = torch.Generator(device=x.device).manual_seed(seed)                   # training's stream untouched
     length = max(max(lengths) for lengths in dataset.by_length.values()) + 5
     first, z = torch.full((count,), vocab.index("<s>"), device=x.device), prior.sample(count, generator)
-    mean = infer(x)[0].detach()
+    mean = common.as_q(infer(x)).mean.detach()
     sampled = [words(vocab, row) for row in decoder.sample(z, first, length, generator=generator).tolist()]
     if mean.shape[1] == 0:
         return ["# sentences sampled from the model (no latent: nothing to reconstruct or interpolate)"] + sampled
@@ -206,7 +207,7 @@ def image_examples(infer, decoder, prior, dataset, seed, count=8, budget=math.in
     to draw: the images are drawn a few at a time, with progress, and no further once `budget` seconds would be
     passed (only whole rows are kept)."""
     x = dataset.batches("test", count)[0][:count]
-    mean, generator = infer(x)[0].detach(), torch.Generator(device=x.device).manual_seed(seed)
+    mean, generator = common.as_q(infer(x)).mean.detach(), torch.Generator(device=x.device).manual_seed(seed)
     path = mean[0] + torch.linspace(0, 1, count, device=x.device).unsqueeze(1) * (mean[-1] - mean[0])
     sizes = dict(samples=count, reconstructions=len(x), interpolation=count if len(x) >= 2 else 0) if mean.shape[1] else \
         dict(samples=count)
@@ -216,8 +217,8 @@ def image_examples(infer, decoder, prior, dataset, seed, count=8, budget=math.in
         elapsed = max(time.time() - progress.start, 1e-6)
         size = min(len(z) - len(drawn), max(1, int(10 * len(drawn) / elapsed)) if drawn else 1)   # about 10 s a call
         if drawn and elapsed * (len(drawn) + size) / len(drawn) > budget:
-            print(f"drew {len(drawn)} of {len(z)} images: more would take longer than training did "
-                  f"({common.duration(budget)}); {again} --examples {count} draws them all", flush=True)
+            print(f"drew {len(drawn)} of {len(z)} images: more would take longer than {common.duration(budget)} (the time "
+                  f"training took, at least 10 s); {again} --examples {count} draws them all", flush=True)
             break
         drawn += list(decoder.sample(z[len(drawn):len(drawn) + size], generator)[:, 0])
         progress(len(drawn))
@@ -246,15 +247,11 @@ def saliency(infer, encoder, decoder, x):
       input[i, t]  = ||d mean / d e_t||_F, e_t the encoder's embedding of token t (None without an nn.Embedding).
     From log_prob alone: log p(x_1..t | z) is log_prob of the first t + 1 tokens, each prefix with its own copy
     of z: one backward pass gives every prefix's gradient, and token t's is the difference. The prefixes go in
-    chunks of at most chunk_floats floats (decoder.cost_per_sample), so memory is bounded at any length."""
+    chunks of at most chunk_floats floats (each counted at the full length), so memory is bounded at any length."""
     m, length = x.shape
-    mean, chunks, used, grads = infer(x)[0].detach(), [[]], 0, []
-    for t in range(1, length):
-        cost = m * decoder.cost_per_sample(x[:, :t + 1])
-        if chunks[-1] and used + cost > common.chunk_floats(x.device):
-            chunks, used = chunks + [[]], 0
-        chunks[-1], used = chunks[-1] + [t], used + cost
-    progress = common.Progress("saliency", length - 1, " prefixes")
+    mean, grads, progress = common.as_q(infer(x)).mean.detach(), [], common.Progress("saliency", length - 1, " prefixes")
+    per_chunk = max(1, common.chunk_floats(x.device) // (m * decoder.cost_per_sample(x)))
+    chunks = [range(1, length)[i:i + per_chunk] for i in range(0, length - 1, per_chunk)]
     with torch.enable_grad():
         for prefixes in chunks:
             z = [mean.unsqueeze(1).clone().requires_grad_() for _ in prefixes]
@@ -279,7 +276,7 @@ def saliency_report(infer, encoder, decoder, dataset, count=8, longest=100):
     """saliency() of up to `count` test sentences of the most common length up to `longest` words (the cost grows as
     the length squared): (JSON-ready dict, HTML page). One scale per page, so pages and rows compare."""
     groups = [t for n, t in dataset.by_length["test"].items() if n <= longest + 2]
-    if not groups or infer(groups[0][:1])[0].shape[1] == 0:
+    if not groups or common.as_q(infer(groups[0][:1])).mean.shape[1] == 0:
         print("saliency: " + ("no latent" if groups else f"every test sentence is longer than {longest} words"
                               ) + ": nothing to show", flush=True)
         return None, None
@@ -401,6 +398,8 @@ def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps
     grids of `examples` (images: drawn within `budget` seconds); saliency.json/.html of `saliency_of` sentences;
     curves.png (the others made again whole)."""
     decoder, prior, folder = modules["decoder"], modules["prior"], args.save_dir
+    if curves and read_log(folder):                # first (cheap, nothing later can lose it); no log after --epochs 0
+        draw_curves([folder], os.path.join(folder, "curves.png"))
     if gaps_of:
         result = gaps(infer, decoder, prior, dataset.batches("test", args.batch_size), gaps_of, args.iw_samples, args.seed)
         print(f"wrote {common.write_json(folder, 'gaps', {'method': args.method, **result})}", flush=True)
@@ -408,7 +407,8 @@ def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps
         lines = text_examples(infer, decoder, prior, dataset, args.seed, examples)
         print("\n".join(lines[:4] + ["..."]), flush=True)
         write(os.path.join(folder, "examples.txt"), "\n".join(lines) + "\n")
-    for name, rows in image_examples(infer, decoder, prior, dataset, args.seed, examples, budget, f"python analysis.py {folder}").items() \
+    again = f"python analysis.py {folder}"
+    for name, rows in image_examples(infer, decoder, prior, dataset, args.seed, examples, budget, again).items() \
             if examples and dataset.kind == "image" else ():
         save_grid(os.path.join(folder, f"{name}.png"), rows)
     report, page = saliency_report(infer, modules.get("encoder"), decoder, dataset, saliency_of) \
@@ -416,18 +416,16 @@ def write_reports(args, infer, dataset, modules, examples=0, saliency_of=0, gaps
     if report:
         write(os.path.join(folder, "saliency.json"), json.dumps(report, indent=1))
         write(os.path.join(folder, "saliency.html"), page)
-    if curves and read_log(folder):                # no log after --epochs 0
-        draw_curves([folder], os.path.join(folder, "curves.png"))
 
 
 def report(args, infer, dataset, modules):
     """The end of a run, after common.final_test: gaps.json with --gaps N; after training (not --eval_only) also the
-    last posterior frame, the examples and saliency of --examples N (images drawn within the time training took),
-    and curves.png."""
+    last posterior frame, the examples and saliency of --examples N (images drawn within the time training took, or
+    10 s), and curves.png."""
     if not args.eval_only:
         plot_posterior(args, None, infer, modules["decoder"], modules["prior"], dataset, final=True)
     own, took = 0 if args.eval_only else args.examples, sum(r["seconds"] for r in read_log(args.save_dir))
-    write_reports(args, infer, dataset, modules, own, own, args.gaps, curves=not args.eval_only, budget=took)
+    write_reports(args, infer, dataset, modules, own, own, args.gaps, curves=not args.eval_only, budget=max(took, 10))
 
 
 def load_run(folder, script=None):

@@ -26,7 +26,7 @@ def fail(message):                                # one clear line, no traceback
     raise SystemExit(f"error: {message}")
 
 
-# 1. Gaussian math and the prior. q = N(mean, diag(exp(logvar))).
+# 1. Distributions: q(z|x) and the prior. q = N(mean, diag(exp(logvar))), or Bernoulli units for binary latents.
 
 def sample_q(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps, [batch, n, d], and log q(z|x) of each, [batch, n],
@@ -47,6 +47,76 @@ def log_normal(z, mean, logvar):
     diff = z - mean
     scaled = torch.where(diff == 0, torch.zeros_like(diff), diff * torch.exp(-0.5 * logvar))
     return -0.5 * (LOG_2PI + logvar + scaled.pow(2)).sum(-1)
+
+
+class Gaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))) as evaluate() takes any q (from an infer() that returns (mean, logvar)):
+    sample(n) -> (z [batch, n, d], log q(z|x) [batch, n]); log_prob(z) for z [..., batch or 1, d] (broadcast against
+    each example's q); entropy() [batch]; mean [batch, d]; kl(prior) [batch], by the prior's own closed form."""
+
+    def __init__(self, mean, logvar):
+        self.mean, self.logvar = mean, logvar
+
+    def sample(self, n, generator=None):
+        return sample_q(self.mean, self.logvar, n, generator)
+
+    def log_prob(self, z):
+        return log_normal(z, self.mean, self.logvar)
+
+    def entropy(self):
+        return 0.5 * (LOG_2PI + 1 + self.logvar).sum(-1)
+
+    def kl(self, prior):
+        return prior.kl(self.mean, self.logvar)
+
+
+def as_q(q):
+    """What infer() returned, as a q: (mean, logvar) is a Gaussian (detached); a q object (Gaussian, Bernoulli) is kept."""
+    return Gaussian(*(t.detach() for t in q)) if isinstance(q, tuple) else q
+
+
+class Bernoulli:
+    """q(h|x) = prod_u Bernoulli(h_u; sigmoid(logits_u)) for binary latents h in {0, 1}^d, with Gaussian's members
+    (mean: the probabilities). Samples are not reparameterised: log q(h|x) carries the gradient (vimco.py)."""
+
+    def __init__(self, logits):
+        self.logits, self.mean = logits, torch.sigmoid(logits)
+
+    def sample(self, n, generator=None):
+        u = torch.rand((*self.mean.shape[:-1], n, self.mean.shape[-1]), generator=generator, device=self.mean.device)
+        h = (u < self.mean.detach().unsqueeze(-2)).to(self.mean.dtype)
+        return h, Bernoulli(self.logits.unsqueeze(-2)).log_prob(h)
+
+    def log_prob(self, h):                         # log sigmoid(l) if h = 1, log sigmoid(-l) if 0: h l - log(1 + e^l)
+        return (h * self.logits - F.softplus(self.logits)).sum(-1)
+
+    def entropy(self):
+        return (F.softplus(self.logits) - self.logits * self.mean).sum(-1)
+
+    def kl(self, prior):
+        return prior.kl(self.logits)
+
+
+class BernoulliPrior(nn.Module):
+    """p(h) = prod_u Bernoulli(h_u; sigmoid(a_u)), a learned (the top layer of a sigmoid belief network)."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(latent_dim))
+
+    def log_prob(self, h):
+        return Bernoulli(self.logits).log_prob(h)
+
+    def sample(self, n, generator):
+        return (torch.rand(n, len(self.logits), generator=generator, device=generator.device)
+                < torch.sigmoid(self.logits)).float()
+
+    def kl(self, logits):
+        """KL(q || p) in closed form for q = Bernoulli(sigmoid(logits)), summed over the units:
+        sum_u q_u (log q_u - log p_u) + (1 - q_u) (log (1 - q_u) - log (1 - p_u))."""
+        q = torch.sigmoid(logits)
+        return (q * (F.logsigmoid(logits) - F.logsigmoid(self.logits))
+                + (1 - q) * (F.logsigmoid(-logits) - F.logsigmoid(-self.logits))).sum(-1)
 
 
 class StandardNormal(nn.Module):
@@ -374,11 +444,11 @@ def chunk_floats(device):
 
 @torch.no_grad()
 def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None, what="evaluation"):
-    """Scores a model on batches with the method's own inference `infer(x) -> (mean, logvar)` (called under
-    no_grad; an infer that needs gradients enables them itself). From the same samples z ~ q(z|x), per example:
+    """Scores a model on batches with the method's own inference `infer(x)`, a q (as_q: (mean, logvar) or a q object;
+    called under no_grad; an infer that needs gradients enables them itself). From the same z ~ q(z|x), per example:
       nll      -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x)   (Burda et al. 2016; S = iw_samples)
       rec      -(1/S) sum_s log p(x|z_s)
-      kl       KL(q(z|x) || p(z)) = prior.kl (closed form for N(0, I));  neg_elbo = rec + kl
+      kl       KL(q(z|x) || p(z)) = q.kl(prior) (closed form for N(0, I) and Bernoulli);  neg_elbo = rec + kl
       mi       E_x E_q[log q(z|x)] - E_x E_q[log q(z)], q(z) the mixture over the evaluation batch
                (He et al. 2019, Sec. 4.2; bounded by log batch size)
       au       dimensions with Var_x(E_q[z_u]) >= 0.01 (unbiased variance over all examples)
@@ -389,26 +459,24 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None, what="
     sums, means, num_examples, num_tokens = 0, [], 0, 0
     progress = Progress(what, sum(map(len, batches)), " examples")
     for x in batches:
-        mean, logvar = (t.detach() for t in infer(x))
-        batch, d = mean.shape
+        q = as_q(infer(x))
+        batch, d = q.mean.shape
         samples = iw_samples if d > 0 else 1        # no latent: log p(x) is exact, one pass suffices
         max_floats = max_floats or chunk_floats(x.device)
         per_sample = batch * (decoder.cost_per_sample(x) + batch * d)   # decoder, and the pairwise densities
         chunk = max(1, min(samples, max_floats // per_sample))
         log_w, log_px_z, log_qz = [], [], []
         for start in range(0, samples, chunk):
-            z, log_q = sample_q(mean, logvar, min(chunk, samples - start))
+            z, log_q = q.sample(min(chunk, samples - start))
             log_px_z.append(decoder.log_prob(x, z))
             log_w.append(log_px_z[-1] + prior.log_prob(z) - log_q)
             # log q(z_is) with q(z) = (1/B) sum_j q(z | x_j): [batch, n, batch] densities
-            pairwise = log_normal(z.unsqueeze(2), mean[None, None], logvar[None, None])
-            log_qz.append(torch.logsumexp(pairwise, -1) - math.log(batch))
+            log_qz.append(torch.logsumexp(q.log_prob(z.unsqueeze(2)), -1) - math.log(batch))
         log_w, log_px_z, log_qz = torch.cat(log_w, 1), torch.cat(log_px_z, 1), torch.cat(log_qz, 1)
         nll = -(torch.logsumexp(log_w, 1) - math.log(samples))
-        neg_entropy = -0.5 * (LOG_2PI + 1 + logvar).sum(-1)                      # E_q[log q(z|x)], closed form
-        mi = neg_entropy - log_qz.mean(1) if d > 0 else torch.zeros_like(nll)
-        sums = sums + torch.stack([nll.sum(), -log_px_z.mean(1).sum(), prior.kl(mean, logvar).sum(), mi.sum()])
-        means.append(mean)
+        mi = -q.entropy() - log_qz.mean(1) if d > 0 else torch.zeros_like(nll)   # E_q[log q(z|x)] = -entropy
+        sums = sums + torch.stack([nll.sum(), -log_px_z.mean(1).sum(), q.kl(prior).sum(), mi.sum()])
+        means.append(q.mean)
         num_examples += batch
         progress(num_examples)
         if x.dtype == torch.long:
@@ -500,7 +568,7 @@ def add_shared_args(parser):
     add("--val_iw_samples", type=int, default=10, help="importance samples for validation each epoch")
     add("--gaps", type=int, default=0, metavar="N", help="the first N test examples' amortization and approximation gaps")
     add("--examples", type=int, default=8, metavar="N", help=f"N samples, reconstructions, interpolation steps (0: none; "
-        f"at most {MAX_EXAMPLES}); images: drawn within the time training took (python analysis.py RUN draws them all)")
+        f"at most {MAX_EXAMPLES}); images: drawn within the time training took, or 10 s (python analysis.py RUN: all)")
     add("--print_every", type=int, default=200, help="print progress every N training batches")
     add("--plot_posterior", type=int, default=0, metavar="N", help="He et al.'s Fig. 2 (d = 1) every N steps (0: off)")
     return parser
@@ -680,7 +748,7 @@ def duration(seconds):
 
 class Progress:
     """progress(done) prints 'WHAT done/total UNIT, T left' every `every` seconds (a phase that ends sooner
-    prints nothing); left(done) is the time still to go at the rate so far."""
+    prints nothing), or `now`; left(done) is the time still to go at the rate so far."""
 
     def __init__(self, what, total, unit="", every=10.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
@@ -689,8 +757,8 @@ class Progress:
     def left(self, done):
         return (time.time() - self.start) * (self.total - done) / max(done, 1)
 
-    def __call__(self, done, extra=""):
-        if time.time() - self.shown >= self.every and done > 0:
+    def __call__(self, done, extra="", now=False):
+        if now or time.time() - self.shown >= self.every and 0 < done < self.total:
             self.shown = time.time()
             print(f"{self.what} {done}/{self.total}{self.unit}{extra}, {duration(self.left(done))} left", flush=True)
 
@@ -711,9 +779,8 @@ class Meter:
         self.steps, self.end = self.steps + 1, time.time()
         if self.steps % self.args.print_every == 0 or time.time() - self.progress.shown >= 60:
             shown = " ".join(f"{name.replace('neg_', '-')} {value:.3f}" for name, value in self.result().items())
-            self.progress.shown = 0                # print now
             self.progress(self.steps, f": {shown} kl_weight {kl_weight:.3f} "
-                          f"{self.examples / (time.time() - self.start):.0f} examples/s")
+                          f"{self.examples / (time.time() - self.start):.0f} examples/s", now=True)
 
     def result(self):
         """{name: mean per example}; a value that is not finite stops the run (diverged)."""
@@ -835,11 +902,11 @@ def interrupted(args, default):
         if not issubclass(kind, KeyboardInterrupt):
             return default(kind, value, traceback)
         model, metrics = os.path.join(args.save_dir, "model.pt"), os.path.join(args.save_dir, "metrics.json")
-        print("\nerror: interrupted (Ctrl-C); " + (
-            "nothing was written" if args.eval_only else f"{metrics} is written: python analysis.py {args.save_dir} "
-            f"makes the reports" if os.path.exists(metrics) else f"{model} holds the last finished epoch: continue with "
-            f"python {args.method}.py --resume --save_dir {args.save_dir}" if os.path.exists(model) else
-            "no epoch had finished, so nothing was saved"), file=sys.stderr, flush=True)
+        saved = ("its results are written whole or not at all" if args.eval_only else
+                 f"{metrics} is written: python analysis.py {args.save_dir} makes the reports" if os.path.exists(metrics)
+                 else f"{model} holds the last finished epoch: continue with python {args.method}.py --resume "
+                 f"--save_dir {args.save_dir}" if os.path.exists(model) else "no epoch had finished, so nothing was saved")
+        print(f"\nerror: interrupted (Ctrl-C); {saved}", file=sys.stderr, flush=True)
     return hook
 
 

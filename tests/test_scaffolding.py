@@ -1,4 +1,4 @@
-"""docs/design.md: the five method scripts share their scaffolding word for word (the argument header, the setup
+"""docs/design.md: the six method scripts share their scaffolding word for word (the argument header, the setup
 and the epoch loop), so that `diff vae.py X.py` shows only what method X changes. Each script may depart from
 vae.py's scaffolding only in the lines listed here; a change to the scaffolding of one script (or a method line
 that grew into the loop) fails until it is made in all of them or listed, on purpose, below. Also: every script
@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, read_metrics, run_scripts, succeeded
 
-SCRIPTS = ["svi.py", "savae.py", "lagging.py", "iwae.py"]
+SCRIPTS = ["svi.py", "savae.py", "lagging.py", "iwae.py", "vimco.py"]
 # (vae.py's lines the script replaces or drops, how many lines the script adds there)
 ALLOWED = {
     "svi.py": ({'encoder, decoder, prior = common.build_model(args, dataset)',
@@ -30,6 +30,10 @@ ALLOWED = {
                     'common.end_epoch(args, state, meter, val, dataset=dataset, modules=modules, optimizers=optimizers)'},
                    19),
     "iwae.py": ({'rec, kl = train_step(x, kl_weight)', 'meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)'}, 2),
+    # its own model: binary units (an encoder of logits, a Bernoulli prior), the decoder of build_model
+    "vimco.py": ({'encoder, decoder, prior = common.build_model(args, dataset)',
+                  'optimizer = common.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)',
+                  'rec, kl = train_step(x, kl_weight)', 'meter.add(kl_weight, neg_elbo=rec + kl, rec=rec, kl=kl)'}, 7),
 }
 
 
