@@ -302,6 +302,7 @@ def test_tables_and_curves_of_malformed_or_mixed_runs_get_one_line(tmp_path, cap
     assert "KL weight" not in titles and "KL weight 1" in fig._suptitle.get_text()      # constant: named, not drawn
     colours = [line.get_color() for line in fig.axes[0].get_lines()]
     assert titles[0].startswith("-ELBO") and len(set(colours)) == len(colours) == 3       # -ELBO and NLL apart
+    assert fig.axes[0].get_xlim() == (0.5, 3.5)                  # epochs 1 to 3 (one epoch: 0.5 to 1.5, not 0.96 to 1.04)
     cli = dict(gaps=0, examples=0, saliency=False, table=False, curves=True, script=None, runs=[str(tmp_path / "b" / "vae-seed2")])
     for out, fragment in ((str(tmp_path / "none" / "c.png"), "in a folder that exists"), (str(tmp_path / "c.xyz"), ".png, .pdf")):
         with pytest.raises(SystemExit, match=fragment):

@@ -229,3 +229,5 @@ def test_a_mirror_is_checked_as_the_sources_are_and_all_tries_every_dataset(serv
     monkeypatch.setenv("VI_DATA_MIRROR", server.url + "/m")
     with pytest.raises(SystemExit, match=r"--data_dir .*a_file is a file, not a folder"):
         data.download("ptb", str(tmp_path / "a_file"))
+    with pytest.raises(SystemExit, match=r"cannot write to --data_dir /proc/vi_test/ptb"):
+        data.download("ptb", "/proc/vi_test/ptb")

@@ -422,6 +422,16 @@ def test_ctrl_c_is_one_line_that_says_what_is_saved(runs, tmp_path):
     assert common.load_checkpoint(str(folder / "model.pt"))["state"]["epoch"] >= 1
 
 
+def test_a_run_killed_before_its_reports_says_how_to_make_them(runs, tmp_path, monkeypatch, capsys):
+    """Killed between metrics.json and the reports, --resume said "nothing to do" and the reports never appeared."""
+    one = copy_run(runs, "one", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["vae.py", "--resume", "--save_dir", str(one)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(os.path.join(ROOT, "vae.py"), run_name="__test__")
+    assert stop.value.code == 0 and f"nothing to do (python analysis.py {one} writes its reports again" in \
+        capsys.readouterr().out
+
+
 def test_a_full_disk_is_named_for_the_checkpoint_and_the_reports(tmp_path, monkeypatch):
     import analysis
     path = tmp_path / "model.pt"
