@@ -99,7 +99,8 @@ def gaps(infer, decoder, prior, batches, count, samples, seed):
             break
         x = x[:count - seen]
         generator = generator or torch.Generator(device=x.device).manual_seed(seed)   # training's stream untouched
-        q = common.as_q(infer(x))                                   # a Gaussian q: q* is the best Gaussian
+        if not isinstance(q := common.as_q(infer(x)), common.Gaussian):        # q* is the best Gaussian
+            common.fail(f"the gaps compare Gaussian q's; this method's q is {type(q).__name__}")
         q_method = [q.mean.detach(), q.logvar.detach()]
         *q_opt, still_falling = optimal_q(decoder, prior, x, *q_method, generator)
         d, elbos = q_method[0].shape[1], []

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import analysis
 import common
 from conftest import ROOT, read_metrics
 
@@ -148,3 +149,5 @@ def test_vimco_runs_through_its_command_line_and_refuses_what_it_cannot_train(vi
                                               (["--gaps", "3"], "no --gaps"))):
         with pytest.raises(SystemExit, match=fragment):
             run_vimco(*flags, "--save_dir", tmp_path / str(case))         # (each its own folder: the lock stays held)
+    with pytest.raises(SystemExit, match="the gaps compare Gaussian q's; this method's q is Bernoulli"):  # analysis.py RUN --gaps
+        analysis.gaps(vimco["infer"], vimco["decoder"], vimco["prior"], vimco["dataset"].batches("test", 5), 3, 10, 0)
