@@ -26,7 +26,7 @@ def fail(message):                                # one clear line, no traceback
     raise SystemExit(f"error: {message}")
 
 
-# 1. Distributions: q(z|x) and the prior. q = N(mean, diag(exp(logvar))), or Bernoulli units for binary latents.
+# 1. Distributions: q(z|x) = N(mean, diag(exp(logvar))) and the prior (a script may bring its own q: vimco.py).
 
 def sample_q(mean, logvar, n=1, generator=None):
     """n samples z = mean + exp(logvar / 2) * eps, [batch, n, d], and log q(z|x) of each, [batch, n],
@@ -71,52 +71,8 @@ class Gaussian:
 
 
 def as_q(q):
-    """What infer() returned, as a q: (mean, logvar) is a Gaussian (detached); a q object (Gaussian, Bernoulli) is kept."""
+    """What infer() returned, as a q: (mean, logvar) is a Gaussian (detached); a q object (vimco.py's Bernoulli) is kept."""
     return Gaussian(*(t.detach() for t in q)) if isinstance(q, tuple) else q
-
-
-class Bernoulli:
-    """q(h|x) = prod_u Bernoulli(h_u; sigmoid(logits_u)) for binary latents h in {0, 1}^d, with Gaussian's members
-    (mean: the probabilities). Samples are not reparameterised: log q(h|x) carries the gradient (vimco.py)."""
-
-    def __init__(self, logits):
-        self.logits, self.mean = logits, torch.sigmoid(logits)
-
-    def sample(self, n, generator=None):
-        u = torch.rand((*self.mean.shape[:-1], n, self.mean.shape[-1]), generator=generator, device=self.mean.device)
-        h = (u < self.mean.detach().unsqueeze(-2)).to(self.mean.dtype)
-        return h, Bernoulli(self.logits.unsqueeze(-2)).log_prob(h)
-
-    def log_prob(self, h):                         # log sigmoid(l) if h = 1, log sigmoid(-l) if 0: h l - log(1 + e^l)
-        return (h * self.logits - F.softplus(self.logits)).sum(-1)
-
-    def entropy(self):
-        return (F.softplus(self.logits) - self.logits * self.mean).sum(-1)
-
-    def kl(self, prior):
-        return prior.kl(self.logits)
-
-
-class BernoulliPrior(nn.Module):
-    """p(h) = prod_u Bernoulli(h_u; sigmoid(a_u)), a learned (the top layer of a sigmoid belief network)."""
-
-    def __init__(self, latent_dim):
-        super().__init__()
-        self.logits = nn.Parameter(torch.zeros(latent_dim))
-
-    def log_prob(self, h):
-        return Bernoulli(self.logits).log_prob(h)
-
-    def sample(self, n, generator):
-        return (torch.rand(n, len(self.logits), generator=generator, device=generator.device)
-                < torch.sigmoid(self.logits)).float()
-
-    def kl(self, logits):
-        """KL(q || p) in closed form for q = Bernoulli(sigmoid(logits)), summed over the units:
-        sum_u q_u (log q_u - log p_u) + (1 - q_u) (log (1 - q_u) - log (1 - p_u))."""
-        q = torch.sigmoid(logits)
-        return (q * (F.logsigmoid(logits) - F.logsigmoid(self.logits))
-                + (1 - q) * (F.logsigmoid(-logits) - F.logsigmoid(-self.logits))).sum(-1)
 
 
 class StandardNormal(nn.Module):
@@ -448,7 +404,7 @@ def evaluate(infer, decoder, prior, batches, iw_samples, max_floats=None, what="
     called under no_grad; an infer that needs gradients enables them itself). From the same z ~ q(z|x), per example:
       nll      -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x)   (Burda et al. 2016; S = iw_samples)
       rec      -(1/S) sum_s log p(x|z_s)
-      kl       KL(q(z|x) || p(z)) = q.kl(prior) (closed form for N(0, I) and Bernoulli);  neg_elbo = rec + kl
+      kl       KL(q(z|x) || p(z)) = q.kl(prior) (closed form for N(0, I));  neg_elbo = rec + kl
       mi       E_x E_q[log q(z|x)] - E_x E_q[log q(z)], q(z) the mixture over the evaluation batch
                (He et al. 2019, Sec. 4.2; bounded by log batch size)
       au       dimensions with Var_x(E_q[z_u]) >= 0.01 (unbiased variance over all examples)
@@ -899,13 +855,13 @@ def final_test(args, state, infer, dataset, modules):
 def interrupted(args, default):
     """The sys.excepthook of a method script run as the program: Ctrl-C ends it with one line that says what is saved."""
     def hook(kind, value, traceback):
+        model, metrics = os.path.join(args.save_dir, "model.pt"), os.path.join(args.save_dir, "metrics.json")
+        saved = ("its results are written whole or not at all" if args.eval_only else f"{metrics} is written: python "
+                 f"analysis.py {args.save_dir} makes the reports" if os.path.exists(metrics) else f"{model} holds the "
+                 f"last finished epoch: continue with python {args.method}.py --resume --save_dir {args.save_dir}"
+                 if os.path.exists(model) else "no epoch had finished, so nothing was saved")
         if not issubclass(kind, KeyboardInterrupt):
             return default(kind, value, traceback)
-        model, metrics = os.path.join(args.save_dir, "model.pt"), os.path.join(args.save_dir, "metrics.json")
-        saved = ("its results are written whole or not at all" if args.eval_only else
-                 f"{metrics} is written: python analysis.py {args.save_dir} makes the reports" if os.path.exists(metrics)
-                 else f"{model} holds the last finished epoch: continue with python {args.method}.py --resume "
-                 f"--save_dir {args.save_dir}" if os.path.exists(model) else "no epoch had finished, so nothing was saved")
         print(f"\nerror: interrupted (Ctrl-C); {saved}", file=sys.stderr, flush=True)
     return hook
 

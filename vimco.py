@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import analysis
 import common
@@ -32,11 +33,55 @@ if args.k < 2 or args.dataset not in common.IMAGE_DATASETS or args.image_net != 
     common.fail("vimco.py needs --k >= 2, binary images (it is for images: omniglot, synthetic_images) with --image_net "
                 "mlp, --latent_dim >= 1, no KL annealing (--kl_start 1), and no --gaps or --plot_posterior (Gaussian q's)")
 
+class Bernoulli:
+    """q(h|x) = prod_u Bernoulli(h_u; sigmoid(logits_u)) for binary latents h in {0, 1}^d, with common.Gaussian's members
+    (mean: the probabilities). Samples are not reparameterised: log q(h|x) carries the gradient."""
+
+    def __init__(self, logits):
+        self.logits, self.mean = logits, torch.sigmoid(logits)
+
+    def sample(self, n, generator=None):
+        u = torch.rand((*self.mean.shape[:-1], n, self.mean.shape[-1]), generator=generator, device=self.mean.device)
+        h = (u < self.mean.detach().unsqueeze(-2)).to(self.mean.dtype)
+        return h, Bernoulli(self.logits.unsqueeze(-2)).log_prob(h)
+
+    def log_prob(self, h):                         # log sigmoid(l) if h = 1, log sigmoid(-l) if 0: h l - log(1 + e^l)
+        return (h * self.logits - F.softplus(self.logits)).sum(-1)
+
+    def entropy(self):
+        return (F.softplus(self.logits) - self.logits * self.mean).sum(-1)
+
+    def kl(self, prior):
+        return prior.kl(self.logits)
+
+
+class BernoulliPrior(nn.Module):
+    """p(h) = prod_u Bernoulli(h_u; sigmoid(a_u)), a learned (the top layer of a sigmoid belief network)."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(latent_dim))
+
+    def log_prob(self, h):
+        return Bernoulli(self.logits).log_prob(h)
+
+    def sample(self, n, generator):
+        return (torch.rand(n, len(self.logits), generator=generator, device=generator.device)
+                < torch.sigmoid(self.logits)).float()
+
+    def kl(self, logits):
+        """KL(q || p) in closed form for q = Bernoulli(sigmoid(logits)), summed over the units:
+        sum_u q_u (log q_u - log p_u) + (1 - q_u) (log (1 - q_u) - log (1 - p_u))."""
+        q = torch.sigmoid(logits)
+        return (q * (F.logsigmoid(logits) - F.logsigmoid(self.logits))
+                + (1 - q) * (F.logsigmoid(-logits) - F.logsigmoid(-self.logits))).sum(-1)
+
+
 dataset = data.load(args)
 _, decoder, _ = common.build_model(args, dataset)          # Burda et al.'s MLP decoder, d-200-200-784
 encoder = nn.Sequential(nn.Flatten(), nn.Linear(784, args.hidden_dim), nn.Tanh(), nn.Linear(args.hidden_dim, args.hidden_dim),
                         nn.Tanh(), nn.Linear(args.hidden_dim, args.latent_dim)).to(args.device)   # q's logits
-prior = common.BernoulliPrior(args.latent_dim).to(args.device)
+prior = BernoulliPrior(args.latent_dim).to(args.device)
 modules = {"encoder": encoder, "decoder": decoder, "prior": prior}
 optimizer = common.make_optimizer([*encoder.parameters(), *decoder.parameters(), *prior.parameters()], args)
 optimizers = {"optimizer": optimizer}
@@ -44,7 +89,7 @@ optimizers = {"optimizer": optimizer}
 
 def infer(x):
     """q(h|x): independent Bernoulli units, their logits from one encoder pass."""
-    return common.Bernoulli(encoder(x))
+    return Bernoulli(encoder(x))
 
 
 def vimco_bound(decoder, prior, x, q, k):

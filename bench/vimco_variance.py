@@ -16,14 +16,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import analysis  # noqa: E402
-import common  # noqa: E402
 
 
 def variance(run, x, k, draws, plain):
     encoder, decoder, prior = run["encoder"], run["decoder"], run["prior"]
     grads = []
     for _ in range(draws):
-        q = common.Bernoulli(encoder(x))
+        q = run["Bernoulli"](encoder(x))
         if plain:
             h, log_q = q.sample(k)
             bound = torch.logsumexp(decoder.log_prob(x, h) + prior.log_prob(h) - log_q, 1) - math.log(k)

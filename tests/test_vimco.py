@@ -7,6 +7,7 @@ import math
 import os
 import runpy
 import sys
+import types
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ class LogisticDecoder(nn.Module):
         self.net = nn.Linear(D, PIXELS)
 
     def log_prob(self, x, h, generator=None):            # x [batch, PIXELS], h [batch, n, D] -> [batch, n]
-        return common.Bernoulli(self.net(h)).log_prob(x.unsqueeze(1))
+        return VIMCO.Bernoulli(self.net(h)).log_prob(x.unsqueeze(1))
 
     def cost_per_sample(self, x):
         return PIXELS
@@ -35,7 +36,7 @@ class LogisticDecoder(nn.Module):
 
 def tiny_model(dtype, seed=0):
     torch.manual_seed(seed)
-    encoder, decoder, prior = nn.Linear(PIXELS, D), LogisticDecoder(), common.BernoulliPrior(D)
+    encoder, decoder, prior = nn.Linear(PIXELS, D), LogisticDecoder(), VIMCO.BernoulliPrior(D)
     for p in [*encoder.parameters(), *decoder.parameters(), *prior.parameters()]:
         nn.init.uniform_(p, -1.5, 1.5)
     x = (torch.rand(2, PIXELS) < 0.5).to(dtype)
@@ -51,7 +52,7 @@ STATES = torch.tensor(list(itertools.product([0.0, 1.0], repeat=D)))      # all 
 
 def exact_bound(encoder, decoder, prior, x, k):
     """E_q[L_k] per example, summing over all (2^D)^k tuples: prod_j q(h_j|x) * log (1/k) sum_j f(x, h_j)."""
-    q = common.Bernoulli(encoder(x))
+    q = VIMCO.Bernoulli(encoder(x))
     states = STATES.to(x.dtype).expand(len(x), -1, -1)                             # [batch, 2^D, D]
     log_q = q.log_prob(states.transpose(0, 1)).T                                   # [batch, 2^D]
     log_f = decoder.log_prob(x, states) + prior.log_prob(states) - log_q
@@ -69,13 +70,18 @@ def run_vimco(*argv):
         sys.argv = saved
 
 
-@pytest.fixture(scope="module")
+VIMCO = types.SimpleNamespace()     # vimco.py's globals (its Bernoulli q and prior among them), set by the fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
 def vimco(tmp_path_factory):
     """vimco.py run through its command line, in this process (one epoch on 40 images, d = 8): its globals, whose
     vimco_bound is the function under test, and its folder."""
     folder = tmp_path_factory.mktemp("vimco") / "run"
-    return {**run_vimco("--train_size", "40", "--eval_size", "20", "--epochs", "1", "--iw_samples", "5",
-                        "--latent_dim", "8", "--examples", "2", "--save_dir", folder), "folder": folder}
+    ns = run_vimco("--train_size", "40", "--eval_size", "20", "--epochs", "1", "--iw_samples", "5",
+                   "--latent_dim", "8", "--examples", "2", "--save_dir", folder)
+    vars(VIMCO).update(ns)
+    return {**ns, "folder": folder}
 
 
 def estimates(vimco_bound, model, k, draws, groups, plain=False):
@@ -84,7 +90,7 @@ def estimates(vimco_bound, model, k, draws, groups, plain=False):
     means = []
     for _ in range(groups):
         xs = x.repeat_interleave(draws // groups, 0)                               # each example, draws times
-        q = common.Bernoulli(encoder(xs))
+        q = VIMCO.Bernoulli(encoder(xs))
         bound, surrogate = vimco_bound(decoder, prior, xs, q, k)
         if plain:                                  # the score-function estimator without a baseline: signal L_k
             h, log_q = q.sample(k)
@@ -128,12 +134,12 @@ def test_evaluate_scores_a_bernoulli_q_exactly():
     with torch.no_grad():
         states = STATES.double().expand(len(x), -1, -1)
         log_px = torch.logsumexp(decoder.log_prob(x, states) + prior.log_prob(states), 1)
-        q = common.Bernoulli(encoder(x))
+        q = VIMCO.Bernoulli(encoder(x))
         log_q = q.log_prob(states.transpose(0, 1)).T                              # [batch, 2^D]
         kl = (log_q.exp() * (log_q - prior.log_prob(states))).sum(1)
         entropy = -(log_q.exp() * log_q).sum(1)
     torch.manual_seed(3)
-    metrics = common.evaluate(lambda x: common.Bernoulli(encoder(x)), decoder, prior, [x], 5000)
+    metrics = common.evaluate(lambda x: VIMCO.Bernoulli(encoder(x)), decoder, prior, [x], 5000)
     assert metrics["nll"] == pytest.approx(-log_px.mean().item(), abs=0.01)
     assert metrics["kl"] == pytest.approx(kl.mean().item(), rel=1e-9)
     torch.testing.assert_close(q.entropy(), entropy, rtol=1e-9, atol=0)
@@ -144,7 +150,7 @@ def test_vimco_runs_through_its_command_line_and_refuses_what_it_cannot_train(vi
     metrics = read_metrics(vimco["folder"])
     assert metrics["method"] == "vimco" and math.isfinite(metrics["nll"]) and metrics["kl"] >= 0
     assert metrics["nll"] <= metrics["neg_elbo"] + 1e-3 and (vimco["folder"] / "samples.png").exists()
-    assert isinstance(vimco["prior"], common.BernoulliPrior) and len(vimco["prior"].logits) == 8
+    assert isinstance(vimco["prior"], VIMCO.BernoulliPrior) and len(vimco["prior"].logits) == 8
     for case, (flags, fragment) in enumerate(((["--k", "1"], "--k >= 2"), (["--dataset", "synthetic"], "is for images"),
                                               (["--gaps", "3"], "no --gaps"))):
         with pytest.raises(SystemExit, match=fragment):
