@@ -170,7 +170,8 @@ def test_two_runs_in_one_folder_the_second_is_refused_and_a_killed_run_can_be_re
     run holding it (before, both ran and the first run's results were lost). The lock dies with its process:
     after a kill -9, --resume continues the run."""
     folder = tmp_path / "shared"
-    first = start_script("vae.py", *tiny(), "--epochs", "100000", "--save_dir", folder)
+    # --patience: on a fast machine, 5 lr halvings (patience 2) came before the kill, and the run had ended itself
+    first = start_script("vae.py", *tiny(), "--epochs", "100000", "--patience", "100000", "--save_dir", folder)
     deadline = time.time() + 120
     while not (folder / "model.pt").exists() and time.time() < deadline:     # its first checkpoint
         time.sleep(0.05)
